@@ -1,0 +1,228 @@
+"""KVCompressConfig: construction, (de)serialisation, every validation error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_kvcompress.config import POLICY_NAMES, SCHEDULE_NAMES, ConfigError, KVCompressConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _err(**kw) -> str:
+    with pytest.raises(ConfigError) as ei:
+        KVCompressConfig(**kw)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert isinstance(ei.value, ValueError)
+    return msg
+
+
+def test_defaults_disabled():
+    c = KVCompressConfig()
+    assert c.policy == "none" and not c.enabled and c.keeps_all
+    assert c.budget == 1.0 and c.compress_interval == 32 and c.min_layer_budget == 64
+    assert c.resolved_schedule == "uniform"
+
+
+@pytest.mark.parametrize(
+    "policy,schedule,sinks",
+    [("h2o", "uniform", 0), ("pyramid", "pyramidinfer-cosine", 4), ("snapkv", "uniform", 0), ("streaming", "uniform", 4)],
+)
+def test_policy_defaults(policy, schedule, sinks):
+    c = KVCompressConfig(policy=policy, budget=0.25)
+    assert c.enabled and not c.keeps_all and c.budget_is_fraction
+    assert c.resolved_schedule == schedule
+    assert c.resolved_sinks == sinks
+
+
+def test_fixed_recent():
+    assert KVCompressConfig(policy="snapkv", budget=0.5).fixed_recent == 32
+    assert KVCompressConfig(policy="snapkv", budget=0.5, snapkv_window=16).fixed_recent == 16
+    assert KVCompressConfig(policy="h2o", budget=0.5).fixed_recent is None
+    assert KVCompressConfig(policy="h2o", budget=0.5, recent_window=10).fixed_recent == 10
+
+
+def test_budget_kinds():
+    assert KVCompressConfig(policy="h2o", budget=1).keeps_all
+    assert KVCompressConfig(policy="h2o", budget=1.0).keeps_all
+    c = KVCompressConfig(policy="h2o", budget=256.0)
+    assert c.budget == 256 and isinstance(c.budget, int) and not c.keeps_all
+    assert c.prompt_budget(1000) == 256
+    f = KVCompressConfig(policy="h2o", budget=0.25)
+    assert f.prompt_budget(1000) == 250
+    assert f.prompt_budget(1001) == 251  # ceil
+    assert KVCompressConfig(policy="h2o", budget=0.1).prompt_budget(30) == 3  # 0.1*30 is 3.0000000000000004
+
+
+def test_roundtrip_dict_json():
+    c = KVCompressConfig(policy="snapkv", budget=512, snapkv_window=16, schedule="pyramidkv")
+    d = c.to_dict()
+    assert KVCompressConfig.from_dict(d) == c
+    assert KVCompressConfig.from_json(json.dumps(d)) == c
+    assert KVCompressConfig.from_json(c.to_json()) == c
+    assert KVCompressConfig.from_dict({"kv_compress": {"policy": "h2o", "budget": 0.2}}) == KVCompressConfig(
+        policy="h2o", budget=0.2
+    )
+    assert KVCompressConfig.from_dict(None) == KVCompressConfig()
+
+
+def test_case_and_float_ints_normalised():
+    c = KVCompressConfig.from_dict({"policy": "H2O", "budget": 0.3, "compress_interval": 16.0, "sinks": 2.0})
+    assert c.policy == "h2o" and c.compress_interval == 16 and isinstance(c.compress_interval, int) and c.sinks == 2
+
+
+@pytest.mark.parametrize("name", ["pyramid.yaml", "h2o-20pct.yaml", "snapkv.yaml", "streaming.yaml"])
+def test_presets_load(name):
+    c = KVCompressConfig.from_yaml(CONFIGS / name)
+    assert c.enabled
+    assert c.policy in POLICY_NAMES
+    assert c.resolved_schedule in SCHEDULE_NAMES
+
+
+def test_preset_values():
+    assert KVCompressConfig.from_yaml(CONFIGS / "h2o-20pct.yaml").budget == 0.2
+    p = KVCompressConfig.from_yaml(CONFIGS / "pyramid.yaml")
+    assert p.policy == "pyramid" and p.resolved_schedule == "pyramidinfer-cosine"
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_policy_message():
+    assert _err(policy="foo") == (
+        "kv_compress.policy: unknown policy 'foo'; allowed: none, h2o, pyramid, snapkv, streaming"
+    )
+
+
+def test_unknown_schedule_message():
+    msg = _err(policy="h2o", budget=0.5, schedule="zigzag")
+    assert msg.startswith("kv_compress.schedule: unknown schedule 'zigzag'; allowed: ")
+    for s in SCHEDULE_NAMES:
+        assert s in msg
+
+
+def test_unknown_pooling():
+    msg = _err(policy="snapkv", budget=0.5, snapkv_pooling="median")
+    assert msg.startswith("kv_compress.snapkv_pooling:") and "avg, max" in msg
+
+
+def test_unknown_key():
+    with pytest.raises(ConfigError) as ei:
+        KVCompressConfig.from_dict({"policy": "h2o", "kv_budget": 0.5})
+    msg = str(ei.value)
+    assert msg.startswith("kv_compress.kv_budget: unknown option; allowed: policy, budget,") and "\n" not in msg
+
+
+@pytest.mark.parametrize("budget", [0, -0.5, -3])
+def test_budget_not_positive(budget):
+    msg = _err(policy="h2o", budget=budget)
+    assert msg.startswith("kv_compress.budget: must be > 0")
+
+
+def test_budget_non_integer_tokens():
+    msg = _err(policy="h2o", budget=100.5)
+    assert msg.startswith("kv_compress.budget: a token budget must be an integer, got 100.5")
+
+
+@pytest.mark.parametrize("budget", ["0.5", None, True, float("nan"), float("inf")])
+def test_budget_not_number(budget):
+    assert _err(policy="h2o", budget=budget).startswith("kv_compress.budget: must be a number")
+
+
+def test_budget_with_policy_none():
+    assert _err(policy="none", budget=0.5).startswith("kv_compress.budget: policy 'none' keeps everything")
+
+
+def test_budget_below_sinks_plus_recent():
+    msg = _err(policy="snapkv", budget=40, snapkv_window=32, sinks=16, min_layer_budget=8)
+    assert msg == "kv_compress.budget: 40 tokens is less than sinks + recent_window = 16 + 32 for policy 'snapkv'"
+    msg = _err(policy="h2o", budget=100, recent_window=90, sinks=20)
+    assert msg.startswith("kv_compress.budget: 100 tokens is less than sinks + recent_window = 20 + 90")
+    # a fraction cannot be checked before the prompt is known
+    KVCompressConfig(policy="h2o", budget=0.1, recent_window=90, sinks=20)
+
+
+def test_budget_below_min_layer_budget():
+    msg = _err(policy="h2o", budget=32)
+    assert msg.startswith("kv_compress.budget: 32 tokens is below min_layer_budget (64)")
+    KVCompressConfig(policy="h2o", budget=32, min_layer_budget=16)
+
+
+@pytest.mark.parametrize("name", ["recent_window", "sinks"])
+def test_negative_windows(name):
+    assert _err(policy="h2o", budget=0.5, **{name: -1}) == f"kv_compress.{name}: must be >= 0 or null (policy default), got -1"
+
+
+@pytest.mark.parametrize("name", ["compress_interval", "min_layer_budget", "num_stages", "snapkv_window"])
+def test_sizes_at_least_one(name):
+    assert _err(policy="h2o", budget=0.5, **{name: 0}) == f"kv_compress.{name}: must be an integer >= 1, got 0"
+    assert _err(policy="h2o", budget=0.5, **{name: -4}).startswith(f"kv_compress.{name}: must be an integer >= 1")
+
+
+@pytest.mark.parametrize("name", ["compress_interval", "sinks", "num_stages"])
+def test_non_integer_sizes(name):
+    assert _err(policy="h2o", budget=0.5, **{name: 2.5}) == f"kv_compress.{name}: must be an integer, got 2.5"
+    assert _err(policy="h2o", budget=0.5, **{name: "8"}).startswith(f"kv_compress.{name}: must be an integer")
+
+
+def test_snapkv_kernel_odd():
+    assert _err(policy="snapkv", budget=0.5, snapkv_kernel=4) == "kv_compress.snapkv_kernel: must be an odd integer >= 1, got 4"
+
+
+@pytest.mark.parametrize("v", [0, 1.5, -0.1])
+def test_obs_window_ratio_range(v):
+    assert _err(policy="pyramid", budget=0.5, obs_window_ratio=v).startswith("kv_compress.obs_window_ratio: must be in (0, 1]")
+
+
+def test_beta_at_least_one():
+    assert _err(policy="snapkv", budget=0.5, pyramidkv_beta=0.5).startswith("kv_compress.pyramidkv_beta: must be >= 1")
+
+
+def test_floor_ratio():
+    assert _err(policy="pyramid", budget=0.5, floor_ratio=0).startswith("kv_compress.floor_ratio: must be in (0, 1]")
+    assert _err(policy="pyramid", budget=0.5, floor_ratio=1.5).startswith("kv_compress.floor_ratio: must be in (0, 1]")
+    msg = _err(policy="h2o", budget=0.5, floor_ratio=0.8)
+    assert msg.startswith("kv_compress.floor_ratio: only used by schedules pyramidinfer-cosine, pyramidinfer-linear")
+    assert KVCompressConfig(policy="h2o", budget=0.5, schedule="pyramidinfer-linear", floor_ratio=0.8).resolved_floor_ratio == 0.8
+    assert KVCompressConfig(policy="pyramid", budget=0.5).resolved_floor_ratio == 0.9
+
+
+def test_bad_json_and_yaml(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        KVCompressConfig.from_json("{policy: h2o")
+    assert str(ei.value).startswith("kv_compress: invalid JSON") and "\n" not in str(ei.value)
+    p = tmp_path / "bad.yaml"
+    p.write_text("policy: [h2o\nbudget: 0.2\n")
+    with pytest.raises(ConfigError) as ei:
+        KVCompressConfig.from_yaml(p)
+    assert str(ei.value).startswith("kv_compress: invalid YAML") and "\n" not in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        KVCompressConfig.from_yaml(tmp_path / "missing.yaml")
+    assert str(ei.value).startswith("kv_compress: cannot read")
+    with pytest.raises(ConfigError) as ei:
+        KVCompressConfig.from_json("[1, 2]")
+    assert str(ei.value) == "kv_compress: expected a mapping of options, got list"
+
+
+def test_frozen():
+    c = KVCompressConfig(policy="h2o", budget=0.5)
+    with pytest.raises(Exception):
+        c.budget = 0.3  # type: ignore[misc]
+
+
+def test_no_vllm_import():
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "vllm_kvcompress"
+    files = [root / "config.py", root / "oracle.py", *sorted((root / "policies").glob("*.py"))]
+    for f in files:
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            assert not any(n == "vllm" or n.startswith("vllm.") for n in names), f"{f.name} imports vllm"

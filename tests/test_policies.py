@@ -1,0 +1,275 @@
+"""Policies: hand-computed eviction traces, ties, GQA grouping, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.policies import (
+    POLICIES,
+    H2OPolicy,
+    NoPolicy,
+    PyramidInferPolicy,
+    SnapKVPolicy,
+    StreamingLLMPolicy,
+    compress_step,
+    get_policy,
+    group_mean,
+    retained_count,
+    select,
+)
+
+
+class Layer:
+    """A one-layer, slot-level driver of the contract (what the worker/oracle do)."""
+
+    def __init__(self, policy, budget, interval=1, h_kv=1):
+        self.policy, self.budget, self.interval = policy, budget, interval
+        self.acc = torch.zeros(h_kv, 0)
+        self.pos = torch.zeros(h_kv, 0, dtype=torch.long)
+        self.C = 0
+
+    def step(self, probs, is_prefill=False):
+        """probs: [H_q, Q, n + Q] over the retained keys + this step's keys."""
+        Q = probs.shape[-2]
+        start, self.C = self.C, self.C + Q
+        w = self.policy.query_weights(start, Q, self.C, is_prefill)
+        self.acc = self.policy.accumulate(self.acc, probs, w)
+        self.pos = torch.cat([self.pos, torch.arange(start, self.C).expand(self.pos.shape[0], Q)], dim=1)
+        keep = retained_count(self.C, self.budget, self.interval)
+        if self.pos.shape[1] > keep:
+            kept, self.acc = compress_step(self.policy, self.acc, keep, self.budget)
+            self.pos = self.pos.gather(1, kept)
+        return self.pos
+
+
+def _p(*rows):
+    """One head, one query per row -> [1, Q, K]."""
+    return torch.tensor([rows], dtype=torch.float32)
+
+
+# dyadic probabilities so that float32 sums are exact (and ties are real ties)
+H2O_TRACE = [
+    ([1.0], [0]),  # A
+    ([0.5, 0.5], [0, 1]),  # B
+    ([0.25, 0.25, 0.5], [0, 1, 2]),  # C        acc A=1.75 B=.75 C=.5
+    ([0.125, 0.25, 0.5, 0.125], [0, 2, 3]),  # D: acc A=1.875 B=1 C=1 D=.125 -> B/C tie, C (newer) wins
+    ([0.25, 0.125, 0.5, 0.125], [0, 2, 4]),  # E over [A,C,D,E]: A=2.125 C=1.125 D=.625 ; E recent
+]
+
+
+def test_h2o_hand_trace_cache_of_3():
+    layer = Layer(H2OPolicy(), budget=3)  # recent = 3 // 2 = 1, sinks 0
+    for probs, expected in H2O_TRACE:
+        assert layer.step(_p(probs))[0].tolist() == expected
+    # H2O keeps the accumulated scores of the survivors
+    assert layer.acc[0].tolist() == [2.125, 1.125, 0.125]
+
+
+def test_h2o_tie_older_loses_in_select():
+    s = torch.tensor([[1.0, 2.0, 2.0, 0.5, 2.0, 0.1]])
+    # keep 3, no protected slots: the three 2.0 tie -> all kept; keep 2 -> the two newest 2.0s
+    assert select(s, 3, 0, 0).tolist() == [[1, 2, 4]]
+    assert select(s, 2, 0, 0).tolist() == [[2, 4]]
+    assert select(torch.zeros(1, 6), 3, 1, 0).tolist() == [[0, 4, 5]]
+
+
+def test_interval_batches_compaction():
+    layer = Layer(H2OPolicy(), budget=3, interval=2)
+    sizes = []
+    rows = [[1.0], [0.5, 0.5], [0.25, 0.25, 0.5], [0.125, 0.25, 0.5, 0.125], [0.25, 0.125, 0.25, 0.25, 0.125]]
+    for r in rows:
+        sizes.append(layer.step(_p(r)).shape[1])
+    assert sizes == [1, 2, 3, 4, 3]  # grows to budget + interval - 1, then back to budget
+    # at C=5 the five scores are A=2.125 B=1.125 C=1.25 D=.375 E=.125(recent) -> A, C, E
+    assert layer.pos[0].tolist() == [0, 2, 4]
+
+
+def test_context_shorter_than_budget_keeps_all():
+    for pol in (H2OPolicy(), PyramidInferPolicy(), SnapKVPolicy(window=2), StreamingLLMPolicy()):
+        layer = Layer(pol, budget=10, interval=1)
+        probs = torch.softmax(torch.randn(1, 6, 6), -1).tril()
+        assert layer.step(probs, is_prefill=True)[0].tolist() == list(range(6))
+    assert select(torch.rand(2, 5), 8, 1, 1).tolist() == [list(range(5))] * 2
+
+
+def test_prefill_chunk_then_decode_h2o():
+    layer = Layer(H2OPolicy(), budget=4, interval=1)
+    # prefill chunk of 6 queries: keys 1 and 2 get heavy attention
+    probs = torch.zeros(1, 6, 6)
+    probs[0, 0, 0] = 1
+    for q in range(1, 6):
+        probs[0, q, 1] = 0.5
+        probs[0, q, q] += 0.25
+        probs[0, q, 2 if q >= 2 else 0] += 0.25
+    # acc: key0 1.25, key1 2.75, key2 1.25, keys 3-5 .25; recent 2 -> 4, 5; key0/key2 tie -> key2 (newer)
+    assert layer.step(probs, is_prefill=True)[0].tolist() == [1, 2, 4, 5]
+
+
+def test_pyramid_resets_scores():
+    layer = Layer(PyramidInferPolicy(), budget=3)
+    for probs, _ in H2O_TRACE[:4]:
+        layer.step(_p(probs))
+    assert layer.pos.shape[1] == 3
+    assert torch.count_nonzero(layer.acc) == 0  # reset after the compaction
+    layer.step(_p([0.5, 0.25, 0.125, 0.125]))
+    assert layer.acc.shape[1] == 3 and torch.count_nonzero(layer.acc) == 0
+
+
+def test_pyramid_query_weights():
+    pol = PyramidInferPolicy(obs_window_ratio=0.2)
+    w = pol.query_weights(0, 10, 10, True)  # window = last ceil(0.2 * 10) = 2 positions
+    assert w.tolist() == pytest.approx([0] * 8 + [1.0, 1.2])
+    w = pol.query_weights(10, 10, 20, True)  # window 16..19, rising 1.0 -> 1.2
+    assert w.tolist() == pytest.approx([0] * 6 + [1.0, 1.0 + 0.2 / 3, 1.0 + 0.4 / 3, 1.2])
+    w = pol.query_weights(18, 2, 20, True)  # clipped to the chunk
+    assert w.tolist() == pytest.approx([1.0 + 0.4 / 3, 1.2])
+    w = pol.query_weights(0, 3, 3, True)  # window of one position
+    assert w.tolist() == [0.0, 0.0, 1.0]
+    assert pol.query_weights(30, 1, 31, False).tolist() == [1.0]
+    assert pol.query_weights(30, 4, 34, False).tolist() == [1.0] * 4
+    # the observation window only counts queries inside it
+    layer = Layer(pol, budget=5)
+    probs = torch.zeros(1, 10, 10)
+    probs[0, :8, 1] = 1.0  # early queries love key 1 (ignored)
+    probs[0, 8:, 3] = 1.0  # the window's queries pick key 3
+    assert layer.step(probs, is_prefill=True)[0].tolist() == [0, 1, 2, 3, 9]  # 4 sinks win the budget
+    layer = Layer(PyramidInferPolicy(sinks=0), budget=3)
+    assert layer.step(probs, is_prefill=True)[0].tolist() == [3, 8, 9]  # recent ceil(.2*3)=1 + key 3 + tie->newest
+
+
+def test_snapkv_query_weights_and_window():
+    pol = SnapKVPolicy(window=3, kernel=1)
+    assert pol.query_weights(0, 8, 8, True).tolist() == [0] * 5 + [1] * 3
+    assert pol.query_weights(8, 2, 10, True).tolist() == [1, 1]  # chunk shorter than the window
+    assert pol.query_weights(10, 1, 11, False).tolist() == [1]
+    probs = torch.zeros(1, 8, 8)
+    probs[0, :5, 1] = 1.0  # outside the window: ignored
+    probs[0, 5:, 2] = 1.0
+    layer = Layer(pol, budget=4)
+    assert layer.step(probs, is_prefill=True)[0].tolist() == [2, 5, 6, 7]  # window (3) always kept
+    assert torch.count_nonzero(layer.acc) == 0
+
+
+def test_snapkv_pooling():
+    acc = torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0]])
+    avg3 = SnapKVPolicy(kernel=3).score(acc)
+    assert avg3[0].tolist() == pytest.approx([0, 5 / 3, 5 / 3, 5 / 3, 0, 0, 0])
+    avg5 = SnapKVPolicy(kernel=5).score(acc)
+    assert avg5[0].tolist() == pytest.approx([1, 1, 1, 1, 1, 0, 0])  # zero padding counted at the edge
+    mx = SnapKVPolicy(kernel=3, pooling="max").score(acc)
+    assert mx.tolist() == [[0, 5, 5, 5, 0, 0, 0]]
+    assert SnapKVPolicy(kernel=5).score(torch.rand(2, 3, 11)).shape == (2, 3, 11)
+    # the valid length masks garbage past the end before pooling
+    acc2 = torch.tensor([[0.0, 0.0, 0.0, 9.0, 9.0]])
+    assert SnapKVPolicy(kernel=3).score(acc2, valid_len=3).tolist() == [[0, 0, 0, 0, 0]]
+    # pooling keeps the neighbourhood of a spike: clustered selection
+    acc3 = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.2, 0.3, 0.0, 0.0]])
+    kept, _ = compress_step(SnapKVPolicy(window=2, kernel=3), acc3, 5, 5)
+    assert kept.tolist() == [[3, 4, 5, 10, 11]]
+
+
+def test_streaming_sinks_and_window():
+    pol = StreamingLLMPolicy()  # sinks 4
+    assert pol.sinks_recent(10) == (4, 6)
+    layer = Layer(StreamingLLMPolicy(sinks=2), budget=6)
+    for c in range(1, 11):
+        probs = torch.zeros(1, 1, layer.pos.shape[1] + 1)
+        probs[0, 0, 0] = 1.0  # attention is ignored
+        layer.step(probs)
+    assert layer.pos[0].tolist() == [0, 1, 6, 7, 8, 9]
+    # one prefill chunk too
+    layer = Layer(StreamingLLMPolicy(), budget=8, interval=4)
+    layer.step(torch.rand(1, 20, 20), is_prefill=True)
+    assert layer.pos[0].tolist() == [0, 1, 2, 3] + list(range(20 - 4, 20))  # 20 -> retained_count = 8 + 0
+
+
+def test_gqa_grouping_mean():
+    # 4 query heads, 2 KV heads: heads 0, 1 -> KV 0; heads 2, 3 -> KV 1 (HF repeat_kv layout)
+    probs = torch.zeros(4, 1, 4)
+    probs[0, 0, 0] = 1.0
+    probs[1, 0, 0] = 0.5
+    probs[1, 0, 1] = 0.5
+    probs[2, 0, 3] = 1.0
+    probs[3, 0, 2] = 1.0
+    acc = H2OPolicy().accumulate(torch.zeros(2, 0), probs, torch.ones(1))
+    assert acc.tolist() == [[0.75, 0.25, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]
+    assert group_mean(probs, 2).shape == (2, 1, 4)
+    with pytest.raises(ValueError):
+        group_mean(probs, 3)
+    kept, _ = compress_step(H2OPolicy(recent_window=0), acc, 1, 2)
+    assert kept.tolist() == [[0], [3]]  # tie between keys 2 and 3 of KV head 1 -> newer
+
+
+def test_weights_scale_contributions():
+    probs = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.25, 0.75]]])  # [1, 2, 3]
+    acc = H2OPolicy().accumulate(torch.tensor([[1.0, 1.0]]), probs, torch.tensor([2.0, 0.0]))
+    assert acc.tolist() == [[2.0, 2.0, 0.0]]  # zero-padded for the new key, second query ignored
+    assert StreamingLLMPolicy().accumulate(torch.zeros(1, 1), probs, torch.ones(2)).tolist() == [[0, 0, 0]]
+
+
+def test_batched_select_matches_per_row():
+    torch.manual_seed(0)
+    scores = torch.rand(3, 2, 10)
+    scores[1, :, 2] = scores[1, :, 5]  # a tie
+    keep = torch.tensor([4, 6, 3])
+    valid = torch.tensor([10, 7, 2])
+    sinks = torch.tensor([1, 0, 2])
+    recent = torch.tensor([2, 3, 0])
+    out = select(scores, keep, sinks, recent, valid)
+    assert out.shape == (3, 2, 6)
+    for b in range(3):
+        n = min(int(keep[b]), int(valid[b]))
+        row = select(scores[b, :, : int(valid[b])], n, int(sinks[b]), int(recent[b]))
+        assert torch.equal(out[b, :, :n], row)
+        assert (out[b, :, n:] == -1).all()
+    # rows are ascending and distinct, all inside the valid length
+    for b in range(3):
+        r = out[b][:, : min(int(keep[b]), int(valid[b]))]
+        assert (r[:, 1:] > r[:, :-1]).all() and (r < valid[b]).all()
+
+
+def test_batched_accumulate_with_mask_and_compress_step():
+    probs = torch.full((2, 2, 1, 3), 1 / 3)  # [B, H_q, Q, K], 2 q-heads share 1 KV head
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    w = torch.tensor([[1.0], [2.0]])
+    acc = H2OPolicy().accumulate(torch.zeros(2, 1, 3), probs, w, key_mask=mask)
+    assert acc[0, 0].tolist() == pytest.approx([1 / 3] * 3)
+    assert acc[1, 0].tolist() == pytest.approx([2 / 3, 2 / 3, 0.0])
+    kept, new_acc = compress_step(H2OPolicy(recent_window=0), acc, torch.tensor([2, 2]), torch.tensor([2, 2]), valid_len=torch.tensor([3, 1]))
+    assert kept.tolist() == [[[1, 2]], [[0, -1]]]
+    assert new_acc[1, 0].tolist() == pytest.approx([2 / 3, 0.0])
+
+
+def test_compress_step_gathers_or_resets():
+    acc = torch.tensor([[3.0, 1.0, 2.0, 0.5]])
+    kept, new = compress_step(H2OPolicy(recent_window=1), acc, 3, 3)
+    assert kept.tolist() == [[0, 2, 3]] and new.tolist() == [[3.0, 2.0, 0.5]]
+    kept, new = compress_step(PyramidInferPolicy(sinks=0, recent_window=1), acc, 3, 3)
+    assert kept.tolist() == [[0, 2, 3]] and new.tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_registry_and_defaults():
+    assert POLICIES == ("none", "h2o", "pyramid", "snapkv", "streaming")
+    assert isinstance(get_policy(KVCompressConfig()), NoPolicy)
+    h = get_policy(KVCompressConfig(policy="h2o", budget=0.2))
+    assert isinstance(h, H2OPolicy) and h.sinks_recent(100) == (0, 50) and h.sinks_recent(101) == (0, 50)
+    assert not H2OPolicy.reset_after_compaction
+    p = get_policy(KVCompressConfig(policy="pyramid", budget=0.2, obs_window_ratio=0.25))
+    assert isinstance(p, PyramidInferPolicy) and p.sinks_recent(100) == (4, 25) and p.reset_after_compaction
+    s = get_policy(KVCompressConfig(policy="snapkv", budget=0.2, snapkv_window=16, snapkv_kernel=7, snapkv_pooling="max"))
+    assert isinstance(s, SnapKVPolicy) and (s.window, s.kernel, s.pooling) == (16, 7, "max")
+    assert s.sinks_recent(100) == (0, 16) and s.reset_after_compaction
+    st = get_policy(KVCompressConfig(policy="streaming", budget=0.2))
+    assert isinstance(st, StreamingLLMPolicy) and st.sinks_recent(100) == (4, 96)
+    o = get_policy(KVCompressConfig(policy="h2o", budget=0.2, sinks=2, recent_window=7))
+    assert o.sinks_recent(100) == (2, 7)
+
+
+def test_sinks_recent_vectorised():
+    b = torch.tensor([100, 51, 7])
+    assert H2OPolicy().sinks_recent(b)[1].tolist() == [50, 25, 3]
+    pol = PyramidInferPolicy(obs_window_ratio=0.2)
+    assert pol.sinks_recent(b)[1].tolist() == [pol.sinks_recent(int(x))[1] for x in b] == [20, 11, 2]
+    assert StreamingLLMPolicy().sinks_recent(b)[1].tolist() == [96, 47, 3]

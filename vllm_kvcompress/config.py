@@ -1,0 +1,312 @@
+"""KV-cache compression configuration (pure Python; no vLLM, no torch).
+
+One frozen dataclass, :class:`KVCompressConfig`, validated on construction.
+Every validation failure raises :class:`ConfigError` (a ``ValueError``) whose
+message is ONE line, starts with ``kv_compress.<option>:`` and, where there is
+a closed set, lists the allowed values.
+
+Budget convention
+-----------------
+``budget`` is the MEAN number of retained tokens per layer of a request:
+
+* ``1`` / ``1.0``: keep everything (nothing is ever evicted);
+* a value in ``(0, 1)``: a fraction of the prompt length, resolved per request
+  as ``ceil(budget * prompt_len)`` tokens;
+* an integer ``> 1``: that many tokens.
+
+See ``docs/policies.md`` for the semantics of the other options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "ConfigError",
+    "KVCompressConfig",
+    "POLICY_NAMES",
+    "SCHEDULE_NAMES",
+    "POOLING_NAMES",
+    "DEFAULT_SCHEDULE",
+    "DEFAULT_SINKS",
+]
+
+POLICY_NAMES: tuple[str, ...] = ("none", "h2o", "pyramid", "snapkv", "streaming")
+SCHEDULE_NAMES: tuple[str, ...] = ("uniform", "pyramidinfer-cosine", "pyramidinfer-linear", "pyramidkv")
+POOLING_NAMES: tuple[str, ...] = ("avg", "max")
+
+#: schedule used when ``schedule`` is None
+DEFAULT_SCHEDULE: dict[str, str] = {
+    "none": "uniform",
+    "h2o": "uniform",
+    "pyramid": "pyramidinfer-cosine",
+    "snapkv": "uniform",
+    "streaming": "uniform",
+}
+#: attention sinks kept when ``sinks`` is None
+DEFAULT_SINKS: dict[str, int] = {"none": 0, "h2o": 0, "pyramid": 4, "snapkv": 0, "streaming": 4}
+#: PyramidInfer reference ``prefill_decay_ratio`` (configs/llama*_*.json)
+DEFAULT_PYRAMIDINFER_FLOOR_RATIO = 0.9
+
+_PYRAMIDINFER_SCHEDULES = ("pyramidinfer-cosine", "pyramidinfer-linear")
+_PREFIX = "kv_compress"
+
+
+class ConfigError(ValueError):
+    """Invalid KV-compression configuration; the message is one line naming the option."""
+
+
+def _err(option: str, msg: str) -> ConfigError:
+    return ConfigError(f"{_PREFIX}.{option}: {msg}".replace("\n", " "))
+
+
+def _allowed(names: tuple[str, ...]) -> str:
+    return ", ".join(names)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class KVCompressConfig:
+    """Validated KV-cache compression settings (field names are the config keys)."""
+
+    #: one of :data:`POLICY_NAMES`
+    policy: str = "none"
+    #: mean retained tokens per layer: 1.0 = keep all, (0, 1) = fraction of the prompt, int > 1 = tokens
+    budget: float = 1.0
+    #: newest tokens always kept per layer; None = policy default (see docs/policies.md)
+    recent_window: int | None = None
+    #: oldest tokens always kept per layer (attention sinks); None = policy default
+    sinks: int | None = None
+    #: slack tokens: a layer grows to budget + interval - 1, then compacts back to budget
+    compress_interval: int = 32
+    #: one of :data:`SCHEDULE_NAMES`; None = policy default (pyramid -> pyramidinfer-cosine, else uniform)
+    schedule: str | None = None
+    #: no layer budget goes below min(min_layer_budget, prompt_len) (PyramidInfer ``min_context_length``)
+    min_layer_budget: int = 64
+    #: pyramidinfer-* schedules: the per-layer keep ratio decays from 1 to this (reference ``prefill_decay_ratio``)
+    floor_ratio: float | None = None
+    #: pyramidkv schedule: the deepest layer gets 1/beta of the top layer's selectable budget (reference 20)
+    pyramidkv_beta: float = 20
+    #: number of KV-cache groups (consecutive layers sharing one budget); largest divisor of num_layers <= this
+    num_stages: int = 6
+    #: pyramid policy: prefill observation window = last ceil(ratio * context) positions (reference 0.2)
+    obs_window_ratio: float = 0.2
+    #: snapkv policy: observation window (queries scored in prefill; protected recent tokens) (reference 32)
+    snapkv_window: int = 32
+    #: snapkv policy: pooling kernel along keys, odd (reference 5)
+    snapkv_kernel: int = 5
+    #: snapkv policy: "avg" (reference default, avg_pool1d) or "max" (max_pool1d)
+    snapkv_pooling: str = "avg"
+
+    # ------------------------------------------------------------------ construction
+    def __post_init__(self) -> None:
+        self._normalize()
+        self.validate()
+
+    def _normalize(self) -> None:
+        """Coerce integral floats (e.g. from JSON/YAML) for integer options; check types."""
+        set_ = object.__setattr__
+        for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "snapkv_kernel"):
+            set_(self, name, _as_int(name, getattr(self, name), optional=False))
+        for name in ("recent_window", "sinks"):
+            set_(self, name, _as_int(name, getattr(self, name), optional=True))
+        for name in ("policy", "snapkv_pooling"):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise _err(name, f"must be a string, got {v!r}")
+            set_(self, name, v.strip().lower())
+        if self.schedule is not None:
+            if not isinstance(self.schedule, str):
+                raise _err("schedule", f"must be a string or null, got {self.schedule!r}")
+            set_(self, "schedule", self.schedule.strip().lower())
+        b = self.budget
+        if not _is_number(b) or (isinstance(b, float) and not math.isfinite(b)):
+            raise _err("budget", f"must be a number (1.0 = keep all, (0, 1) = fraction of the prompt, integer > 1 = tokens), got {b!r}")
+        if b > 1 and float(b).is_integer():
+            set_(self, "budget", int(b))
+        for name in ("pyramidkv_beta", "obs_window_ratio"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v):
+                raise _err(name, f"must be a number, got {v!r}")
+        if self.floor_ratio is not None and (not _is_number(self.floor_ratio) or not math.isfinite(self.floor_ratio)):
+            raise _err("floor_ratio", f"must be a number or null, got {self.floor_ratio!r}")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (one line, naming the option) if anything is invalid."""
+        if self.policy not in POLICY_NAMES:
+            raise _err("policy", f"unknown policy {self.policy!r}; allowed: {_allowed(POLICY_NAMES)}")
+        if self.schedule is not None and self.schedule not in SCHEDULE_NAMES:
+            raise _err("schedule", f"unknown schedule {self.schedule!r}; allowed: {_allowed(SCHEDULE_NAMES)}")
+        if self.snapkv_pooling not in POOLING_NAMES:
+            raise _err("snapkv_pooling", f"unknown pooling {self.snapkv_pooling!r}; allowed: {_allowed(POOLING_NAMES)}")
+
+        b = self.budget
+        if b <= 0:
+            raise _err("budget", f"must be > 0 (1.0 = keep all, a fraction in (0, 1), or an integer token count > 1), got {b!r}")
+        if b > 1 and not isinstance(b, int):
+            raise _err("budget", f"a token budget must be an integer, got {b!r} (use a value in (0, 1) for a fraction of the prompt)")
+        if self.policy == "none" and b != 1:
+            raise _err("budget", f"policy 'none' keeps everything, so budget must be 1.0, got {b!r}")
+
+        for name in ("recent_window", "sinks"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise _err(name, f"must be >= 0 or null (policy default), got {v}")
+        for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window"):
+            v = getattr(self, name)
+            if v < 1:
+                raise _err(name, f"must be an integer >= 1, got {v}")
+        if self.snapkv_kernel < 1 or self.snapkv_kernel % 2 == 0:
+            raise _err("snapkv_kernel", f"must be an odd integer >= 1, got {self.snapkv_kernel}")
+        if not 0 < self.obs_window_ratio <= 1:
+            raise _err("obs_window_ratio", f"must be in (0, 1], got {self.obs_window_ratio!r}")
+        if self.pyramidkv_beta < 1:
+            raise _err("pyramidkv_beta", f"must be >= 1, got {self.pyramidkv_beta!r}")
+        if self.floor_ratio is not None:
+            if not 0 < self.floor_ratio <= 1:
+                raise _err("floor_ratio", f"must be in (0, 1] or null, got {self.floor_ratio!r}")
+            if self.resolved_schedule not in _PYRAMIDINFER_SCHEDULES:
+                raise _err(
+                    "floor_ratio",
+                    f"only used by schedules {', '.join(_PYRAMIDINFER_SCHEDULES)} (schedule is {self.resolved_schedule!r})",
+                )
+
+        if isinstance(b, int) and b > 1:
+            fixed = self.resolved_sinks + (self.fixed_recent or 0)
+            if b < fixed:
+                raise _err(
+                    "budget",
+                    f"{b} tokens is less than sinks + recent_window = {self.resolved_sinks} + {self.fixed_recent or 0}"
+                    f" for policy {self.policy!r}",
+                )
+            if b < self.min_layer_budget:
+                raise _err(
+                    "budget",
+                    f"{b} tokens is below min_layer_budget ({self.min_layer_budget}); lower kv_compress.min_layer_budget or raise the budget",
+                )
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def enabled(self) -> bool:
+        """True when a compression policy is configured (policy != 'none')."""
+        return self.policy != "none"
+
+    @property
+    def keeps_all(self) -> bool:
+        """True when nothing is ever evicted (policy 'none' or budget 1.0)."""
+        return self.policy == "none" or self.budget == 1
+
+    @property
+    def budget_is_fraction(self) -> bool:
+        return 0 < self.budget < 1
+
+    @property
+    def resolved_schedule(self) -> str:
+        return self.schedule if self.schedule is not None else DEFAULT_SCHEDULE[self.policy]
+
+    @property
+    def resolved_sinks(self) -> int:
+        return self.sinks if self.sinks is not None else DEFAULT_SINKS[self.policy]
+
+    @property
+    def resolved_floor_ratio(self) -> float:
+        return self.floor_ratio if self.floor_ratio is not None else DEFAULT_PYRAMIDINFER_FLOOR_RATIO
+
+    @property
+    def fixed_recent(self) -> int | None:
+        """The recent window when it does not depend on the layer budget, else None.
+
+        h2o (budget // 2), pyramid (ceil(obs_window_ratio * budget)) and streaming
+        (budget - sinks) default to budget-relative windows.
+        """
+        if self.recent_window is not None:
+            return self.recent_window
+        if self.policy == "snapkv":
+            return self.snapkv_window
+        if self.policy == "none":
+            return 0
+        return None
+
+    def prompt_budget(self, prompt_len: int) -> int:
+        """The mean per-layer token budget of a request with ``prompt_len`` prompt tokens.
+
+        Fractions round up. Meaningless when :attr:`keeps_all` (returns prompt_len).
+        """
+        if self.keeps_all:
+            return prompt_len
+        if self.budget_is_fraction:
+            return max(1, math.ceil(self.budget * prompt_len - 1e-9))
+        return int(self.budget)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "KVCompressConfig":
+        """Build from a mapping whose keys are field names.
+
+        A mapping with the single key ``kv_compress`` is unwrapped first (the
+        layout of ``configs/*.yaml``). Unknown keys raise :class:`ConfigError`.
+        """
+        if d is None:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{_PREFIX}: expected a mapping of options, got {type(d).__name__}")
+        if set(d) == {_PREFIX}:
+            d = d[_PREFIX] or {}
+            if not isinstance(d, Mapping):
+                raise ConfigError(f"{_PREFIX}: expected a mapping of options, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            raise _err(str(unknown[0]), f"unknown option; allowed: {_allowed(tuple(names))}")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_json(cls, s: str) -> "KVCompressConfig":
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{_PREFIX}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "KVCompressConfig":
+        import yaml
+
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{_PREFIX}: cannot read {str(p)!r}: {e.strerror or e}") from None
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{_PREFIX}: invalid YAML in {str(p)!r}: {first}") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _as_int(name: str, v: Any, *, optional: bool) -> int | None:
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not _is_number(v):
+        what = "an integer or null" if optional else "an integer"
+        raise _err(name, f"must be {what}, got {v!r}")
+    if isinstance(v, float):
+        if not (math.isfinite(v) and v.is_integer()):
+            raise _err(name, f"must be an integer, got {v!r}")
+        return int(v)
+    return int(v)

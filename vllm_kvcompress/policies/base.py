@@ -1,0 +1,227 @@
+"""The policy contract shared by the vLLM worker and the dense oracle (pure torch).
+
+Every (request, layer, KV head) slot carries a float32 accumulated score
+``acc``. One step (a prefill chunk or a decode token) of one layer does:
+
+1. ``w = policy.query_weights(chunk_start, chunk_len, num_computed_after, is_prefill)``
+2. ``acc = policy.accumulate(acc, probs, w)``  -- probs: this step's attention
+   probabilities over the layer's current keys (retained + this step's)
+3. if the layer holds more than ``keep = retained_count(C, budget, interval)``
+   tokens: ``kept, acc = compress_step(policy, acc, keep, budget)``
+
+Positions handled here are *slot indices* into a layer's retained keys, which
+are always stored in ascending order of true token position (new tokens are
+appended, and compaction keeps ascending order). So "the first ``sinks``
+slots" are the oldest retained tokens and "the last ``recent`` slots" the
+newest.
+
+GQA: query head ``h`` belongs to KV head ``h // (H_q // H_kv)`` (the HF
+``repeat_kv`` layout); a KV head's score is the MEAN of its query heads'
+probabilities (rank-equivalent to the sum; kvpress / AdaKV convention).
+
+Ties in ``select``: among equal scores the more recent token (larger slot
+index) wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+import torch
+
+__all__ = [
+    "BasePolicy",
+    "NoPolicy",
+    "IntOrTensor",
+    "select",
+    "compress_step",
+    "ceil_ratio",
+    "group_mean",
+]
+
+IntOrTensor = Union[int, torch.Tensor]
+
+
+def ceil_ratio(x: IntOrTensor, ratio: float) -> IntOrTensor:
+    """``ceil(ratio * x)`` computed identically for Python ints and integer tensors."""
+    if isinstance(x, torch.Tensor):
+        return torch.ceil(x.to(torch.float64) * ratio - 1e-9).to(torch.long)
+    return int(math.ceil(float(x) * ratio - 1e-9))
+
+
+def group_mean(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[..., H_q, Q, K] -> [..., H_kv, Q, K]: mean over the query heads of each KV head."""
+    hq = probs.shape[-3]
+    if hq % num_kv_heads:
+        raise ValueError(f"{hq} query heads are not a multiple of {num_kv_heads} KV heads")
+    g = hq // num_kv_heads
+    if g == 1:
+        return probs
+    shp = probs.shape
+    return probs.reshape(*shp[:-3], num_kv_heads, g, shp[-2], shp[-1]).mean(dim=-3)
+
+
+def _as_batch_tensor(x: IntOrTensor | None, batch_shape: torch.Size, device, default: int) -> torch.Tensor:
+    if x is None:
+        x = default
+    t = torch.as_tensor(x, dtype=torch.long, device=device)
+    return t.expand(batch_shape) if t.dim() == 0 else t.reshape(batch_shape)
+
+
+def select(
+    scores: torch.Tensor,
+    keep: IntOrTensor,
+    sinks: IntOrTensor,
+    recent: IntOrTensor,
+    valid_len: IntOrTensor | None = None,
+) -> torch.LongTensor:
+    """Slots to keep, ascending, per KV head.
+
+    ``scores``: ``[H_kv, K]`` or ``[B, H_kv, K]`` (any leading batch dims).
+    ``keep``, ``sinks``, ``recent``, ``valid_len``: ints or LongTensors of the
+    batch shape (one value per row); ``valid_len`` None means ``K``. Slots at
+    or beyond ``valid_len`` are never selected.
+
+    Always keeps the first ``sinks`` and the last ``recent`` valid slots (clipped
+    so they fit in ``keep``), then the highest scores; equal scores: the more
+    recent slot wins. Returns ``[..., H_kv, max(min(keep, valid_len))]`` ascending;
+    in rows that keep fewer, the trailing entries are ``-1``.
+    """
+    if scores.dim() < 2:
+        raise ValueError(f"scores must be [..., H_kv, K], got shape {tuple(scores.shape)}")
+    K = scores.shape[-1]
+    dev = scores.device
+    bshape = scores.shape[:-2]
+    vl = _as_batch_tensor(valid_len, bshape, dev, K).clamp(0, K)
+    n_keep = torch.minimum(_as_batch_tensor(keep, bshape, dev, K).clamp_min(0), vl)
+    n_sink = torch.minimum(_as_batch_tensor(sinks, bshape, dev, 0).clamp_min(0), n_keep)
+    n_recent = torch.minimum(_as_batch_tensor(recent, bshape, dev, 0).clamp_min(0), n_keep - n_sink)
+    out_k = int(n_keep.max().item()) if n_keep.numel() else 0
+
+    pos = torch.arange(K, device=dev)
+    # broadcast per-row quantities over [H_kv, K]
+    vl_ = vl[..., None, None]
+    valid = pos < vl_
+    forced = valid & ((pos < n_sink[..., None, None]) | (pos >= vl_ - n_recent[..., None, None]))
+    key = scores.to(torch.float32).masked_fill(forced, math.inf).masked_fill(~valid, -math.inf)
+
+    # stable descending sort on the reversed slot order => on ties the larger slot comes first
+    order = torch.sort(key.flip(-1), dim=-1, descending=True, stable=True).indices
+    top = (K - 1) - order[..., :out_k]
+    rank = torch.arange(out_k, device=dev)
+    drop = rank >= n_keep[..., None, None]
+    top = top.masked_fill(drop, K)  # sorts after every real slot
+    top = torch.sort(top, dim=-1).values
+    return top.masked_fill(top == K, -1)
+
+
+@dataclass(frozen=True)
+class BasePolicy:
+    """One eviction policy; subclasses override the hooks below.
+
+    ``sinks`` / ``recent_window`` are the configured values (None = policy default);
+    use :meth:`sinks_recent` for the per-layer resolved pair.
+    """
+
+    name: ClassVar[str] = "base"
+    #: reset the accumulated scores of kept tokens to 0 after each compaction
+    reset_after_compaction: ClassVar[bool] = False
+    #: False for policies whose scores ignore attention (skip computing probs)
+    needs_attention: ClassVar[bool] = True
+
+    sinks: int | None = None
+    recent_window: int | None = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg) -> "BasePolicy":
+        return cls(sinks=cfg.sinks, recent_window=cfg.recent_window)
+
+    # ---------------------------------------------------------------- windows
+    default_sinks: ClassVar[int] = 0
+
+    def default_recent(self, budget: IntOrTensor) -> IntOrTensor:
+        return 0
+
+    def sinks_recent(self, budget: IntOrTensor) -> tuple[IntOrTensor, IntOrTensor]:
+        """(sinks, recent) protected in a layer whose budget is ``budget`` (int or LongTensor)."""
+        s = self.sinks if self.sinks is not None else self.default_sinks
+        r = self.recent_window if self.recent_window is not None else self.default_recent(budget)
+        return s, r
+
+    # ---------------------------------------------------------------- hooks
+    def query_weights(self, chunk_start: int, chunk_len: int, num_computed_after: int, is_prefill: bool) -> torch.Tensor:
+        """[chunk_len] float32: how much each query of this step adds to key scores."""
+        return torch.ones(chunk_len, dtype=torch.float32)
+
+    def accumulate(
+        self,
+        acc: torch.Tensor,
+        probs: torch.Tensor,
+        weights: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``acc + sum_q w_q * mean_{h in group}(probs[h, q, :])``.
+
+        ``acc``: ``[..., H_kv, K0]`` with ``K0 <= K`` (zero-padded to ``K`` on the
+        right: the step's new keys start at score 0). ``probs``: ``[..., H_q, Q, K]``.
+        ``weights``: ``[Q]`` or ``[..., Q]``. ``key_mask``: optional bool ``[..., K]``,
+        False for padding keys (their probs are ignored). Returns float32 ``[..., H_kv, K]``.
+        """
+        K = probs.shape[-1]
+        h_kv = acc.shape[-2]
+        acc = acc.to(torch.float32)
+        if acc.shape[-1] < K:
+            acc = torch.nn.functional.pad(acc, (0, K - acc.shape[-1]))
+        if not self.needs_attention:
+            return acc
+        p = group_mean(probs.to(torch.float32), h_kv)  # [..., H_kv, Q, K]
+        w = weights.to(device=p.device, dtype=torch.float32)
+        contrib = torch.einsum("...hqk,...q->...hk", p, w) if w.dim() > 1 else torch.einsum("...hqk,q->...hk", p, w)
+        if key_mask is not None:
+            contrib = contrib * key_mask[..., None, :].to(contrib.dtype)
+        return acc + contrib
+
+    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None) -> torch.Tensor:
+        """[..., H_kv, K] ranking scores from the accumulated ones (identity by default)."""
+        return acc
+
+    select = staticmethod(select)
+
+
+def compress_step(
+    policy: BasePolicy,
+    acc: torch.Tensor,
+    keep: IntOrTensor,
+    budget: IntOrTensor,
+    valid_len: IntOrTensor | None = None,
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """score -> select -> gather of ``acc`` (zeroed if the policy resets).
+
+    ``keep`` is how many slots survive (``retained_count``), ``budget`` the
+    layer's budget (it resolves the policy's sinks / recent window). Returns
+    ``(kept_slots [..., H_kv, n] ascending, -1 padded; new_acc [..., H_kv, n])``;
+    padded entries of ``new_acc`` are 0.
+    """
+    sinks, recent = policy.sinks_recent(budget)
+    scores = policy.score(acc, valid_len)
+    kept = select(scores, keep, sinks, recent, valid_len)
+    if policy.reset_after_compaction:
+        new_acc = torch.zeros(kept.shape, dtype=torch.float32, device=acc.device)
+    else:
+        new_acc = acc.to(torch.float32).gather(-1, kept.clamp_min(0))
+        new_acc = new_acc.masked_fill(kept < 0, 0.0)
+    return kept, new_acc
+
+
+@dataclass(frozen=True)
+class NoPolicy(BasePolicy):
+    """policy 'none': never evicts (kept for a uniform interface)."""
+
+    name: ClassVar[str] = "none"
+    needs_attention: ClassVar[bool] = False
+
+    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill):
+        return torch.zeros(chunk_len, dtype=torch.float32)

@@ -1,0 +1,74 @@
+"""SnapKV (Li et al., 2024): an observation window votes for the keys to keep.
+
+References: FasterDecoding/SnapKV ``snapkv/monkeypatch/snapkv_utils.py`` and
+Zefan-Cai/KVCache-Factory ``pyramidkv/pyramidkv_utils.py`` (``SnapKVCluster``):
+the last ``window_size`` (32) prompt queries' attention to the earlier keys is
+summed over the window, pooled along keys (``avg_pool1d``, kernel 5, stride 1,
+padding k//2: same length), the top ``capacity - window`` keys are kept plus
+the window itself. kvpress (``SnapKVPress``) averages the query heads of a
+GQA group, as we do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .base import BasePolicy, IntOrTensor
+
+__all__ = ["SnapKVPolicy"]
+
+
+@dataclass(frozen=True)
+class SnapKVPolicy(BasePolicy):
+    """Prefill: the last ``window`` queries of each chunk weigh 1, the others 0;
+    decode: every query weighs 1. Scores are pooled along keys; they are reset
+    after every compaction. Default window: no sinks, ``recent = window``."""
+
+    name: ClassVar[str] = "snapkv"
+    reset_after_compaction: ClassVar[bool] = True
+    default_sinks: ClassVar[int] = 0
+
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+
+    @classmethod
+    def from_config(cls, cfg) -> "SnapKVPolicy":
+        return cls(
+            sinks=cfg.sinks,
+            recent_window=cfg.recent_window,
+            window=cfg.snapkv_window,
+            kernel=cfg.snapkv_kernel,
+            pooling=cfg.snapkv_pooling,
+        )
+
+    def default_recent(self, budget: IntOrTensor) -> IntOrTensor:
+        return self.window
+
+    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill):
+        w = torch.ones(chunk_len, dtype=torch.float32)
+        if is_prefill and chunk_len > self.window:
+            w[: chunk_len - self.window] = 0.0
+        return w
+
+    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None) -> torch.Tensor:
+        x = acc.to(torch.float32)
+        K = x.shape[-1]
+        if valid_len is not None:
+            vl = torch.as_tensor(valid_len, device=x.device)
+            vl = vl[..., None, None] if vl.dim() else vl
+            x = x.masked_fill(torch.arange(K, device=x.device) >= vl, 0.0)
+        if self.kernel == 1 or K == 0:
+            return x
+        flat = x.reshape(-1, 1, K)
+        pad = self.kernel // 2
+        if self.pooling == "max":
+            out = F.max_pool1d(flat, kernel_size=self.kernel, stride=1, padding=pad)
+        else:
+            # count_include_pad=True: edge keys are averaged with zero padding, as in the reference
+            out = F.avg_pool1d(flat, kernel_size=self.kernel, stride=1, padding=pad)
+        return out.reshape(x.shape)
