@@ -16,9 +16,12 @@ _registered = False
 
 
 def register() -> None:
-    """vLLM plugin entry point. Safe to call any number of times per process."""
+    """vLLM plugin entry point: apply every patch. Safe to call any number of times per process."""
     global _registered
     if _registered:
         return
+    from vllm_kvcompress.integration import apply_all
+
+    apply_all()
     _registered = True
     logger.info("vllm-kvcompress %s plugin loaded", __version__)

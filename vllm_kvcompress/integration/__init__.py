@@ -1,0 +1,37 @@
+"""All coupling to vLLM lives here: one module per patch point.
+
+=====================  ==========================================================
+module                 vLLM symbol it patches / registers
+=====================  ==========================================================
+``version``            (none) refuses any vLLM other than 0.32.x
+``cli_args``           ``EngineArgs.add_cli_args``, ``EngineArgs.from_cli_args``
+``platform_config``    ``<current platform>.check_and_update_config``
+``kv_spec``            ``Attention.get_kv_cache_spec``, ``KVCacheSpecRegistry``
+``kv_manager``         (class registered by ``kv_spec``) the scheduler-side
+                       ``SingleTypeKVCacheManager`` of compressed layers
+``model_runner``       ``GPUModelRunner._build_attention_metadata``
+``attention_backend``  ``AttentionBackendEnum.CPU_ATTN`` / ``CUSTOM`` via
+                       ``register_backend``
+=====================  ==========================================================
+
+``apply_all()`` is what the ``vllm.general_plugins`` entry point runs, in every
+vLLM process. Every ``apply()`` is idempotent.
+"""
+
+from __future__ import annotations
+
+from vllm_kvcompress.integration import version
+
+
+def apply_all() -> None:
+    version.check()  # before importing anything that touches vLLM internals
+    from vllm_kvcompress.integration import (
+        attention_backend,
+        cli_args,
+        kv_spec,
+        model_runner,
+        platform_config,
+    )
+
+    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend):
+        mod.apply()

@@ -1,0 +1,194 @@
+"""Patch point: ``vllm.v1.attention.backends.registry.AttentionBackendEnum.CPU_ATTN``
+(overridden with ``register_backend``; on CPU vLLM always picks CPU_ATTN).
+
+:class:`KVCompressCPUBackend` is vLLM's CPU attention with three additions for
+layers whose group spec is a ``CompressedAttentionSpec``:
+
+1. the metadata builder maps every request onto its compacted window
+   (``vllm_kvcompress.paging``): the block table row is shifted to the window's
+   first live entry, ``seq_lens`` become retained + new tokens, and the new
+   keys/values are written to window slots ``R .. R+n-1``. RoPE was applied
+   before caching, so keys keep their true positions;
+2. after vLLM's own attention kernel, the step's weighted queries are scored
+   against the window (``ops.accumulate_scores``);
+3. requests whose retained count drops this step are compacted
+   (``ops.compact``) into the window the scheduler will keep.
+
+Uncompressed layers, dummy runs and requests that never evicted take vLLM's
+path unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
+
+from vllm_kvcompress import ops
+from vllm_kvcompress.integration.kv_spec import CompressedAttentionSpec
+from vllm_kvcompress.integration.model_runner import StepContext
+from vllm_kvcompress.policies import get_policy
+
+
+def _retained(c: np.ndarray, budget: np.ndarray, interval: int) -> np.ndarray:
+    """Vectorised ``policies.schedule.retained_count``."""
+    return np.where(c <= budget, c, budget + (c - budget) % interval)
+
+
+@dataclass
+class StepPlan:
+    """Per-request numbers of one compressed group for one step (CPU arrays)."""
+
+    policy: object
+    block_table: torch.Tensor  # [R, cols] unshifted rows
+    query_start: np.ndarray  # [R+1]
+    num_new: np.ndarray  # n
+    prompt_lens: np.ndarray
+    budget: np.ndarray  # B
+    retained: np.ndarray  # R(C): slots held before the step
+    start: np.ndarray  # S(C)
+    retained_after: np.ndarray  # R(C+n)
+    start_after: np.ndarray  # S(C+n)
+    weights: list  # per request [n] float32 query weights (None if unscored)
+    block_size: int
+
+    @property
+    def compact_rows(self) -> np.ndarray:
+        return np.nonzero(self.retained_after < self.retained + self.num_new)[0]
+
+
+class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.compressed = isinstance(kv_cache_spec, CompressedAttentionSpec)
+        if self.compressed:
+            if self.isa == "amx":  # keep the key-page layout ops.py is written (and checked) for
+                self.isa = "vec"
+                self._set_isa_to_layers(layer_names)
+            cfg = kv_cache_spec.compress_config
+            self.policy = get_policy(cfg)
+            self.interval = cfg.compress_interval
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        prompt_lens = StepContext.prompt_lens
+        cm = common_attn_metadata
+        if not self.compressed or prompt_lens is None or len(prompt_lens) != cm.num_reqs:
+            return super().build(common_prefix_len, cm, fast_build)
+        spec = self.kv_cache_spec
+        bs = self.block_size
+        qsl = cm.query_start_loc_cpu.numpy().astype(np.int64)
+        n = np.diff(qsl)
+        seq = cm.seq_lens.cpu().numpy().astype(np.int64)
+        c = seq - n
+        budget = np.fromiter((spec.budget(p) for p in prompt_lens), dtype=np.int64, count=len(prompt_lens))
+        r = _retained(c, budget, self.interval)
+        s = (c - r) // bs
+        c2 = c + n
+        r2 = _retained(c2, budget, self.interval)
+        s2 = (c2 - r2) // bs
+        bt = cm.block_table_tensor
+        if np.any(r < c):
+            num_reqs, cols = bt.shape[0], bt.shape[1]
+            s_t = torch.from_numpy(s)
+            idx = (s_t[:, None] + torch.arange(cols)[None, :]).clamp_(max=cols - 1)
+            bt_shift = bt.gather(1, idx.to(bt.device))
+            req_of_tok = torch.repeat_interleave(torch.arange(num_reqs), torch.from_numpy(n))
+            k_in_req = torch.arange(int(qsl[-1])) - torch.from_numpy(qsl[:-1])[req_of_tok]
+            p = torch.from_numpy(r)[req_of_tok] + k_in_req
+            entry = s_t[req_of_tok] + p // bs
+            slots = cm.slot_mapping.clone()
+            slots[: int(qsl[-1])] = bt[req_of_tok, entry].long() * bs + p % bs
+            new_seq = torch.from_numpy(r + n).to(cm.seq_lens.dtype)
+            cm = dataclasses.replace(cm, seq_lens=new_seq, block_table_tensor=bt_shift, slot_mapping=slots,
+                                     max_seq_len=int((r + n).max()))
+        md = super().build(common_prefix_len, cm, fast_build)
+        weights = None
+        if self.policy.needs_attention:
+            weights = [self.policy.query_weights(int(c[i]), int(n[i]), int(c2[i]), bool(c[i] < prompt_lens[i]))
+                       for i in range(len(n))]
+        md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n, prompt_lens=prompt_lens,
+                          budget=budget, retained=r, start=s, retained_after=r2, start_after=s2, weights=weights,
+                          block_size=bs)
+        return md
+
+
+class KVCompressCPUImpl(CPUAttentionBackendImpl):
+    _acc: torch.Tensor | None = None
+    _layout_checked = False
+
+    def _paged(self, kv_cache: torch.Tensor, plan: StepPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
+        nb, h, bs, _ = kv_cache.size()
+        key_cache, value_cache = kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
+        return key_cache, value_cache
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if attn_metadata is None:
+            return output
+        n_tok = attn_metadata.num_actual_tokens
+        key_cache, value_cache = self._paged(kv_cache, None)
+        from vllm import _custom_ops as vllm_ops
+
+        vllm_ops.cpu_attn_reshape_and_cache(key[:n_tok], value[:n_tok], key_cache, value_cache,
+                                            attn_metadata.slot_mapping[:n_tok], layer.isa,
+                                            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                                            kv_cache_dtype=self.kv_cache_dtype)
+        super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                        output_block_scale)
+        plan = getattr(attn_metadata, "kvc", None)
+        if plan is not None:
+            self._compress(plan, query, key_cache, value_cache)
+        return output
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        return None  # forward writes the cache (it knows the compacted slots)
+
+    def _compress(self, plan: StepPlan, query, key_cache, value_cache) -> None:
+        if not self._layout_checked:
+            ops.check_layout(key_cache, value_cache)
+            type(self)._layout_checked = True
+        if self._acc is None and plan.policy.needs_attention:
+            nb, h, _, _ = value_cache.shape
+            self._acc = torch.zeros(nb, h, value_cache.shape[2], dtype=torch.float32)
+        layer = ops.paged_view(key_cache, value_cache, self._acc)
+        bt = plan.block_table
+        if plan.weights is not None:
+            for i in range(len(plan.num_new)):
+                q0, q1 = int(plan.query_start[i]), int(plan.query_start[i + 1])
+                ops.accumulate_scores(layer, plan.policy, bt[i], int(plan.start[i]), int(plan.retained[i]),
+                                      query[q0:q1].view(q1 - q0, self.num_heads, self.head_size),
+                                      plan.weights[i], self.scale)
+        for i in plan.compact_rows:
+            ops.compact(layer, plan.policy, bt[i], int(plan.start[i]), int(plan.retained[i] + plan.num_new[i]),
+                        int(plan.start_after[i]), int(plan.retained_after[i]), int(plan.budget[i]))
+
+
+class KVCompressCPUBackend(CPUAttentionBackend):
+    forward_includes_kv_cache_update: bool = True
+
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_impl_cls():
+        return KVCompressCPUImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return KVCompressMetadataBuilder
+
+
+def apply() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    path = f"{__name__}.KVCompressCPUBackend"
+    register_backend(AttentionBackendEnum.CPU_ATTN, path)

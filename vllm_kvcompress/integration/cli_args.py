@@ -1,0 +1,87 @@
+"""Patch point: ``vllm.engine.arg_utils.EngineArgs.add_cli_args`` and
+``EngineArgs.from_cli_args``.
+
+Adds ``--kv-policy``, ``--kv-budget``, ``--kv-recent-window``, ``--kv-sinks``,
+``--kv-compress-interval`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
+(``vllm serve``, ``vllm bench ...``), and moves their values into
+``additional_config["kv_compress"]`` — the same place offline users put them:
+``LLM(..., additional_config={"kv_compress": {...}})``. Explicit flags override
+the YAML file. A bad value exits at once with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vllm_kvcompress.config import POLICY_NAMES, ConfigError, KVCompressConfig
+from vllm_kvcompress.integration.common import CONFIG_KEY, patch_method
+
+# flag -> config field
+FLAGS = {
+    "kv_policy": "policy",
+    "kv_budget": "budget",
+    "kv_recent_window": "recent_window",
+    "kv_sinks": "sinks",
+    "kv_compress_interval": "compress_interval",
+}
+
+
+def add_flags(parser) -> None:
+    if any("--kv-policy" in a.option_strings for a in parser._actions):
+        return
+    g = parser.add_argument_group("KV-cache compression (vllm-kvcompress)")
+    g.add_argument("--kv-policy", choices=POLICY_NAMES, default=None,
+                   help="Eviction policy for the KV cache (default: none).")
+    g.add_argument("--kv-budget", type=float, default=None,
+                   help="Retained tokens per layer (mean over layers): an integer >= 1 is tokens, "
+                        "a value in (0, 1) a fraction of the prompt length.")
+    g.add_argument("--kv-recent-window", type=int, default=None,
+                   help="Newest tokens always kept per layer (default: the policy's).")
+    g.add_argument("--kv-sinks", type=int, default=None,
+                   help="Oldest tokens always kept per layer (default: the policy's).")
+    g.add_argument("--kv-compress-interval", type=int, default=None,
+                   help="A layer grows this many tokens past its budget before compacting (default 32).")
+    g.add_argument("--kv-config", default=None, metavar="FILE.yaml",
+                   help="YAML file with a kv_compress mapping (see configs/); flags override it.")
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict | None:
+    """The kv_compress dict from parsed flags (None if no flag was given)."""
+    d: dict = dict(base or {})
+    path = getattr(args, "kv_config", None)
+    if path:
+        d.update(KVCompressConfig.from_yaml(path).to_dict())
+    given = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag, None) is not None}
+    if not path and not given:
+        return None
+    d.update(given)
+    return KVCompressConfig.from_dict(d).to_dict()
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    def wrap_add(original):
+        def add_cli_args(parser, *a, **kw):
+            parser = original(parser, *a, **kw)
+            add_flags(parser)
+            return parser
+        return add_cli_args
+
+    def wrap_from(original):
+        def from_cli_args(cls, args, *a, **kw):
+            engine_args = original.__func__(cls, args, *a, **kw)
+            extra = dict(engine_args.additional_config or {})
+            try:
+                cfg = config_from_args(args, extra.get(CONFIG_KEY))
+            except ConfigError as e:
+                sys.exit(f"vllm: error: {e}")
+            if cfg is not None:
+                extra[CONFIG_KEY] = cfg
+                engine_args.additional_config = extra
+            return engine_args
+        return from_cli_args
+
+    patch_method(EngineArgs, "add_cli_args", wrap_add, static=True)
+    patch_method(EngineArgs, "from_cli_args", wrap_from, classmethod_=True)

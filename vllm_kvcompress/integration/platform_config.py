@@ -1,0 +1,62 @@
+"""Patch point: ``<current platform class>.check_and_update_config``
+(``vllm.platforms.cpu.CpuPlatform`` on CPU, ``CudaPlatform`` on CUDA), which
+``VllmConfig.__post_init__`` calls once per engine.
+
+With a compression policy on, it validates the ``kv_compress`` config (one-line
+errors), turns prefix caching off (compressed layers cannot share pages), picks
+a 32-token page when the user did not choose one (pages are the unit in which
+eviction frees memory), and refuses features that cannot work with eviction.
+"""
+
+from __future__ import annotations
+
+from vllm_kvcompress.config import ConfigError
+from vllm_kvcompress.integration.common import kv_config_of, logger, patch_method
+
+DEFAULT_BLOCK_SIZE = 32
+
+
+def adjust(vllm_config) -> None:
+    cfg = kv_config_of(vllm_config)  # raises ConfigError on bad input
+    if not cfg.enabled:
+        return
+    cache = vllm_config.cache_config
+    sched = vllm_config.scheduler_config
+    model = vllm_config.model_config
+    if vllm_config.speculative_config is not None:
+        raise ConfigError("kv_compress.policy: speculative decoding cannot run with KV eviction; "
+                          "drop --speculative-config or use --kv-policy none")
+    if vllm_config.kv_transfer_config is not None:
+        raise ConfigError("kv_compress.policy: KV connectors (--kv-transfer-config) cannot run with KV eviction; "
+                          "drop --kv-transfer-config or use --kv-policy none")
+    if sched.disable_hybrid_kv_cache_manager:
+        raise ConfigError("kv_compress.policy: needs vLLM's hybrid KV-cache manager; "
+                          "drop --disable-hybrid-kv-cache-manager or use --kv-policy none")
+    if cache.enable_prefix_caching:
+        logger.warning("vllm-kvcompress: prefix caching turned off (compressed layers cannot share pages)")
+        cache.enable_prefix_caching = False
+    if not getattr(cache, "user_specified_block_size", False):
+        cache.block_size = DEFAULT_BLOCK_SIZE
+    if model is not None:
+        model.disable_cascade_attn = True
+        if not cfg.keeps_all and not cfg.budget_is_fraction and cfg.budget >= model.max_model_len:
+            logger.warning("vllm-kvcompress: kv_compress.budget %s >= max model length %d: nothing will be evicted",
+                           cfg.budget, model.max_model_len)
+    logger.info("vllm-kvcompress: %s", cfg.to_json())
+
+
+def apply() -> None:
+    from vllm.platforms import current_platform
+
+    def wrap(original):
+        def check_and_update_config(cls, vllm_config):
+            original.__func__(cls, vllm_config)
+            adjust(vllm_config)
+        return check_and_update_config
+
+    owner = type(current_platform)
+    # patch the class that defines the method so subclasses see it too
+    for klass in owner.__mro__:
+        if "check_and_update_config" in klass.__dict__:
+            patch_method(klass, "check_and_update_config", wrap, classmethod_=True)
+            break

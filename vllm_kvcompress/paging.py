@@ -1,0 +1,41 @@
+"""Paging arithmetic shared by the vLLM scheduler and the workers (pure Python).
+
+A compressed layer with budget ``B`` and compaction interval ``I`` that has
+computed ``C`` tokens holds ``R(C) = retained_count(C, B, I)`` of them. Its
+request's block-table row keeps vLLM's convention (entry ``j`` nominally covers
+tokens ``[j*bs, (j+1)*bs)`` and the row only grows), but the retained tokens
+live *compacted* in a window of the row that starts at entry
+
+    S(C) = (C - R(C)) // bs        (whole pages' worth of evicted tokens)
+
+slot ``p`` of the window being entry ``S(C) + p // bs``, offset ``p % bs``. The
+scheduler frees (nulls) entries ``< S(C)`` exactly like vLLM's sliding-window
+manager frees pages that left the window; the worker moves the retained tokens
+into the window of the new ``S`` when it compacts, at the end of the step that
+made ``C`` tokens computed — before the scheduler frees anything. The ``n``
+tokens of the next step land at window slots ``R(C) .. R(C)+n-1``, which always
+fall inside the row vLLM allocates (``S*bs + R + n <= C + n``).
+
+Nothing here talks to the other side: both compute the same numbers from
+``(C, B, I, bs)``.
+"""
+
+from __future__ import annotations
+
+from vllm_kvcompress.policies.schedule import retained_count
+
+
+def evicted_count(num_computed: int, budget: int, interval: int) -> int:
+    """Tokens a layer has evicted once ``num_computed`` tokens are computed."""
+    return num_computed - retained_count(num_computed, budget, interval)
+
+
+def window_start(num_computed: int, budget: int, interval: int, block_size: int) -> int:
+    """First live block-table entry of a compressed layer (entries before it are freed)."""
+    return evicted_count(num_computed, budget, interval) // block_size
+
+
+def live_blocks(num_computed: int, num_new: int, budget: int, interval: int, block_size: int) -> int:
+    """Pages a request holds in a compressed group while it computes ``num_new`` tokens."""
+    total_entries = -(-(num_computed + num_new) // block_size)
+    return total_entries - window_start(num_computed, budget, interval, block_size)
