@@ -24,6 +24,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     python scripts/fix_vllm_cli.py
     echo "$want" > "$stamp"
 fi
+# The C++ CPU kernels (csrc/), compiled once per user and source hash (seconds when cached).
+python -m vllm_kvcompress._ext >/dev/null
 # Embedded model (GGUF -> bf16 HF checkpoint) and haystack essays, once per user.
 python -m vllm_kvcompress.assets all >/dev/null
 echo "[setup] ready: $(vllm --version 2>/dev/null | tail -1), model at $(python -m vllm_kvcompress.assets model)"

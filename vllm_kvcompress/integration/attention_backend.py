@@ -57,7 +57,7 @@ class StepPlan:
     start: np.ndarray  # S(C)
     retained_after: np.ndarray  # R(C+n)
     start_after: np.ndarray  # S(C+n)
-    weights: list  # per request [n] float32 query weights (None if unscored)
+    weights: torch.Tensor | None  # [num_tokens] float32 query weights (None: policy ignores attention)
     block_size: int
 
     @property
@@ -112,8 +112,8 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
         md = super().build(common_prefix_len, cm, fast_build)
         weights = None
         if self.policy.needs_attention:
-            weights = [self.policy.query_weights(int(c[i]), int(n[i]), int(c2[i]), bool(c[i] < prompt_lens[i]))
-                       for i in range(len(n))]
+            weights = torch.cat([self.policy.query_weights(int(c[i]), int(n[i]), int(c2[i]),
+                                                           bool(c[i] < prompt_lens[i])) for i in range(len(n))])
         md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n, prompt_lens=prompt_lens,
                           budget=budget, retained=r, start=s, retained_after=r2, start_after=s2, weights=weights,
                           block_size=bs)
@@ -145,30 +145,32 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
                         output_block_scale)
         plan = getattr(attn_metadata, "kvc", None)
         if plan is not None:
-            self._compress(plan, query, key_cache, value_cache)
+            self._compress(plan, attn_metadata, query, key_cache, value_cache)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         return None  # forward writes the cache (it knows the compacted slots)
 
-    def _compress(self, plan: StepPlan, query, key_cache, value_cache) -> None:
+    def _compress(self, plan: StepPlan, md, query, key_cache, value_cache) -> None:
         if not self._layout_checked:
             ops.check_layout(key_cache, value_cache)
             type(self)._layout_checked = True
         if self._acc is None and plan.policy.needs_attention:
-            nb, h, _, _ = value_cache.shape
-            self._acc = torch.zeros(nb, h, value_cache.shape[2], dtype=torch.float32)
+            nb, h, bs, _ = value_cache.shape
+            self._acc = torch.zeros(nb, h, bs, dtype=torch.float32)
         layer = ops.paged_view(key_cache, value_cache, self._acc)
-        bt = plan.block_table
         if plan.weights is not None:
-            for i in range(len(plan.num_new)):
-                q0, q1 = int(plan.query_start[i]), int(plan.query_start[i + 1])
-                ops.accumulate_scores(layer, plan.policy, bt[i], int(plan.start[i]), int(plan.retained[i]),
-                                      query[q0:q1].view(q1 - q0, self.num_heads, self.head_size),
-                                      plan.weights[i], self.scale)
-        for i in plan.compact_rows:
-            ops.compact(layer, plan.policy, bt[i], int(plan.start[i]), int(plan.retained[i] + plan.num_new[i]),
-                        int(plan.start_after[i]), int(plan.retained_after[i]), int(plan.budget[i]))
+            t = int(plan.query_start[-1])
+            ops.window_scores(query[:t].view(t, self.num_heads, self.head_size), torch.from_numpy(plan.query_start),
+                              layer.k_t, md.block_table, md.seq_lens, torch.from_numpy(plan.retained),
+                              plan.weights, self.scale, self._acc)
+        rows = plan.compact_rows
+        if len(rows):
+            r = torch.from_numpy(rows)
+            ops.compact_requests(layer, plan.policy, plan.block_table[r], torch.from_numpy(plan.start[rows]),
+                                 torch.from_numpy(plan.retained[rows] + plan.num_new[rows]),
+                                 torch.from_numpy(plan.start_after[rows]), torch.from_numpy(plan.retained_after[rows]),
+                                 torch.from_numpy(plan.budget[rows]))
 
 
 class KVCompressCPUBackend(CPUAttentionBackend):

@@ -1,0 +1,193 @@
+"""Decode-step timing: vLLM's CPU attention vs the fused attention+scores kernel.
+
+One decode step of a batch (default: 16 requests x ~500-slot windows x 30
+layers, H_kv=3, Hq=9, D=64, bf16, block size 32; every layer has its own
+paged cache, so the step streams ~all KV memory like a real model step).
+Timed per step over all layers (min and median of --reps steps):
+
+* ``vllm attention``   vllm._custom_ops.cpu_attention_with_kv_cache (what the
+  CPU_ATTN backend runs; scheduler metadata built once, as the builder does)
+* ``kvc fused (C++)``  ops.decode_attention_scores: attention + score update
+* ``kvc attn only``    the same kernel without scores (acc=None)
+* ``torch reference``  ops.decode_attention_scores_reference (fewer reps)
+* for scale: vLLM's attention over a 32-token chunk per request vs
+  ``window_scores`` (scoring those 32 queries against the window), and
+  ``compact_windows`` moving 3/4 of every request's window (every layer)
+
+Usage::
+
+    python benchmarks/bench_kernels.py [--threads 1] [--reqs 16] [--len 500] [--layers 30]
+
+Not a test: prints a table. Timings on a shared machine are noisy: use
+--threads 1 when other jobs run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _timeit(fn, reps: int, warmup: int = 2) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts) * 1e3, statistics.median(ts) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reqs", type=int, default=16)
+    ap.add_argument("--len", type=int, default=500, help="mean window length (slots); +-10%% per request")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--kv-heads", type=int, default=3)
+    ap.add_argument("--q-heads", type=int, default=9)
+    ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from vllm_kvcompress import _ext, ops
+
+    t0 = time.perf_counter()
+    _ext.build()
+    t_build = time.perf_counter() - t0
+
+    R, H, Hq, D, bs, NL = args.reqs, args.kv_heads, args.q_heads, args.head_size, args.block_size, args.layers
+    dt = getattr(torch, args.dtype)
+    lens = (args.len * (0.9 + 0.2 * torch.rand(R))).round().clamp_min(1).to(torch.int32)
+    pages = (lens + bs - 1) // bs
+    cols = int(pages.max())
+    nb = int(pages.sum()) + 1
+    # scattered page ids (block 0 unused, like vLLM's null block)
+    perm = torch.randperm(nb - 1) + 1
+    bt = torch.zeros(R, cols, dtype=torch.int32)
+    o = 0
+    for i in range(R):
+        bt[i, : pages[i]] = perm[o : o + pages[i]].to(torch.int32)
+        o += int(pages[i])
+    caches = [torch.randn(nb, H, 2 * bs, D, dtype=torch.float32).to(dt) for _ in range(NL)]
+    accs = [torch.rand(nb, H, bs) for _ in range(NL)]
+    views = [c.chunk(2, dim=2) for c in caches]
+    layers = [ops.paged_view(k, v, a) for (k, v), a in zip(views, accs)]
+    q = torch.randn(R, Hq, D).to(dt)
+    w = torch.ones(R)
+    out = torch.empty(R, Hq, D, dtype=dt)
+    scale = D ** -0.5
+    qsl = torch.arange(R + 1, dtype=torch.int32)
+    rows = []
+
+    try:
+        from vllm import _custom_ops as vops
+
+        md = vops.cpu_attn_get_scheduler_metadata(
+            num_reqs=R, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=lens, dtype=dt, query_start_loc=qsl,
+            causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False)
+
+        def vllm_step():
+            for k, v in views:
+                vops.cpu_attention_with_kv_cache(
+                    query=q, key_cache=k, value_cache=v, output=out, query_start_loc=qsl, seq_lens=lens, scale=scale,
+                    causal=True, alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0,
+                    scheduler_metadata=md, s_aux=None)
+
+        vllm_step()
+        ref_out = out.clone()
+        rows.append(("vllm attention", *_timeit(vllm_step, args.reps)))
+    except Exception as exc:  # noqa: BLE001
+        ref_out = None
+        print(f"(vLLM attention unavailable: {type(exc).__name__}: {exc})")
+
+    def fused_step():
+        for lay in layers:
+            ops.decode_attention_scores(q, lay.k_t, lay.v, bt, lens, scale, lay.acc, w, out)
+
+    def attn_step():
+        for lay in layers:
+            ops.decode_attention_scores(q, lay.k_t, lay.v, bt, lens, scale, None, None, out)
+
+    attn_step()
+    if ref_out is not None:
+        err = (out.float() - ref_out.float()).abs().max().item()
+        print(f"max |ours - vLLM| on the last layer's output: {err:.2e}")
+    rows.append(("kvc fused (C++)", *_timeit(fused_step, args.reps)))
+    rows.append(("kvc attn only (C++)", *_timeit(attn_step, args.reps)))
+
+    def ref_step():
+        for lay in layers:
+            ops.decode_attention_scores_reference(q, lay.k_t, lay.v, bt, lens, scale, lay.acc, w, out)
+
+    rows.append(("torch reference", *_timeit(ref_step, max(3, args.reps // 5), warmup=1)))
+
+    # prefill-chunk scoring and compaction, for scale (same caches)
+    n_new = 32
+    nr = (lens - n_new).clamp_min(0)
+    qs = torch.zeros(R + 1, dtype=torch.int32)
+    qs[1:] = torch.cumsum(lens - nr, 0)
+    T = int(qs[-1])
+    qq = torch.randn(T, Hq, D).to(dt)
+    ww = torch.ones(T)
+
+    def window_step():
+        for lay in layers:
+            ops.window_scores(qq, qs, lay.k_t, bt, lens, nr, ww, scale, lay.acc)
+
+    try:
+        from vllm import _custom_ops as vops
+
+        md_p = vops.cpu_attn_get_scheduler_metadata(
+            num_reqs=R, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=lens, dtype=dt, query_start_loc=qs,
+            causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False)
+        out_p = torch.empty(T, Hq, D, dtype=dt)
+
+        def vllm_prefill_step():
+            for k, v in views:
+                vops.cpu_attention_with_kv_cache(
+                    query=qq, key_cache=k, value_cache=v, output=out_p, query_start_loc=qs, seq_lens=lens,
+                    scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0,
+                    scheduler_metadata=md_p, s_aux=None)
+
+        rows.append((f"vllm attention ({n_new} q/req)", *_timeit(vllm_prefill_step, max(3, args.reps // 2))))
+    except Exception as exc:  # noqa: BLE001
+        print(f"(vLLM prefill attention unavailable: {type(exc).__name__}: {exc})")
+    rows.append((f"window_scores ({n_new} q/req)", *_timeit(window_step, max(3, args.reps // 2))))
+
+    keep = (lens.long() * 3) // 4
+    kmax = int(keep.max())
+    kept = torch.full((R, H, kmax), -1, dtype=torch.long)
+    for i in range(R):
+        for h in range(H):
+            kept[i, h, : keep[i]] = torch.randperm(int(lens[i]))[: keep[i]].sort().values
+    zeros = torch.zeros(R, dtype=torch.long)
+
+    def compact_step():
+        for lay in layers:
+            ops.compact_windows(lay.k_t, lay.v, lay.acc, bt, zeros, zeros, kept, keep)
+
+    rows.append(("compact_windows (3/4 kept)", *_timeit(compact_step, max(3, args.reps // 2))))
+
+    print(f"\ndecode step: {R} requests x ~{args.len} slots (mean {lens.float().mean():.0f}) x {NL} layers, "
+          f"H_kv={H} Hq={Hq} D={D} {args.dtype} bs={bs}, torch threads={torch.get_num_threads()}, "
+          f"ops impl={ops.impl_for('cpu')}, extension load/build {t_build:.1f} s")
+    base = rows[0][1] if rows and rows[0][0] == "vllm attention" else None
+    print(f"{'':28s} {'min ms':>9s} {'median ms':>10s} {'min/vllm':>9s}")
+    for name, mn, med in rows:
+        rel = f"{mn / base:8.2f}x" if base else ""
+        print(f"{name:28s} {mn:9.2f} {med:10.2f} {rel:>9s}")
+
+
+if __name__ == "__main__":
+    main()

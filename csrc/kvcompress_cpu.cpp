@@ -1,0 +1,891 @@
+// vllm-kvcompress: fused CPU kernels on vLLM's CPU_ATTN "vec" paged KV cache.
+//
+// Registered as torch ops in the `kvcompress` namespace (built and loaded by
+// vllm_kvcompress/_ext.py; the Python entry points and the torch references
+// they must match are in vllm_kvcompress/ops.py):
+//
+//   decode_attention_scores  paged decode attention (one query per request)
+//                            + H2O score accumulation in the same pass
+//   window_scores            prefill-chunk score accumulation (weighted,
+//                            causal queries against the request's window)
+//   compact_windows          per (request, KV head) move of the kept window
+//                            slots to the front of the new window (K, V, score)
+//
+// Layout (per layer): key pages k_t [nb, H, D, bs] (each (block, head) page
+// transposed), value pages v [nb, H, bs, D], scores acc [nb, H, bs] float32.
+// The block and head strides are free (k_t / v are views of one
+// [nb, H, 2*bs, D] tensor); the page interiors must be contiguous.
+// Window slot p of request i lives at block bt[i][p / bs], offset p % bs
+// (bt rows already shifted to the window's first entry), except in
+// compact_windows, which takes unshifted rows and start entries.
+//
+// GQA: query head hq belongs to KV head hq / G (G = Hq / H); a KV head's score
+// is the mean over its G query heads. Softmax and all accumulation in float32.
+// Parallel over (request, KV head [, query split]) with OpenMP (the same
+// libgomp runtime as torch, so torch.set_num_threads applies).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KVC_AVX2 1
+#endif
+
+namespace kvc {
+
+// ---------------------------------------------------------------- 8 x float
+
+#ifdef KVC_AVX2
+struct F8 {
+  __m256 r;
+};
+static inline F8 f8_zero() { return {_mm256_setzero_ps()}; }
+static inline F8 f8_set(float x) { return {_mm256_set1_ps(x)}; }
+static inline F8 f8_bcast(const float* p) { return {_mm256_broadcast_ss(p)}; }
+static inline F8 f8_load(const float* p) { return {_mm256_loadu_ps(p)}; }
+static inline F8 f8_load(const c10::BFloat16* p) {
+  __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16))};
+}
+static inline F8 f8_load(const c10::Half* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+static inline void f8_store(float* p, F8 a) { _mm256_storeu_ps(p, a.r); }
+static inline F8 f8_fma(F8 a, F8 b, F8 c) { return {_mm256_fmadd_ps(a.r, b.r, c.r)}; }
+static inline F8 f8_add(F8 a, F8 b) { return {_mm256_add_ps(a.r, b.r)}; }
+static inline F8 f8_sub(F8 a, F8 b) { return {_mm256_sub_ps(a.r, b.r)}; }
+static inline F8 f8_mul(F8 a, F8 b) { return {_mm256_mul_ps(a.r, b.r)}; }
+static inline F8 f8_max(F8 a, F8 b) { return {_mm256_max_ps(a.r, b.r)}; }
+static inline float f8_hsum(F8 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.r), _mm256_extractf128_ps(a.r, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline float f8_hmax(F8 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.r), _mm256_extractf128_ps(a.r, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// exp(x) for x <= ~88 (Cephes polynomial, ~1 ulp); exactly 0 below -87.3.
+static inline F8 f8_exp(F8 xv) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  __m256 x = xv.r;
+  __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(x, hi);
+  x = _mm256_max_ps(x, lo);
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, z, x);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  __m256i n = _mm256_cvttps_epi32(fx);
+  n = _mm256_add_epi32(n, _mm256_set1_epi32(127));
+  n = _mm256_slli_epi32(n, 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+  return {_mm256_andnot_ps(underflow, y)};
+}
+#else
+struct F8 {
+  float r[8];
+};
+static inline F8 f8_zero() {
+  F8 a;
+  for (int i = 0; i < 8; ++i) a.r[i] = 0.f;
+  return a;
+}
+static inline F8 f8_set(float x) {
+  F8 a;
+  for (int i = 0; i < 8; ++i) a.r[i] = x;
+  return a;
+}
+static inline F8 f8_bcast(const float* p) { return f8_set(*p); }
+template <typename T>
+static inline F8 f8_load(const T* p) {
+  F8 a;
+  for (int i = 0; i < 8; ++i) a.r[i] = static_cast<float>(p[i]);
+  return a;
+}
+static inline void f8_store(float* p, F8 a) {
+  for (int i = 0; i < 8; ++i) p[i] = a.r[i];
+}
+static inline F8 f8_fma(F8 a, F8 b, F8 c) {
+  for (int i = 0; i < 8; ++i) c.r[i] += a.r[i] * b.r[i];
+  return c;
+}
+static inline F8 f8_add(F8 a, F8 b) {
+  for (int i = 0; i < 8; ++i) a.r[i] += b.r[i];
+  return a;
+}
+static inline F8 f8_sub(F8 a, F8 b) {
+  for (int i = 0; i < 8; ++i) a.r[i] -= b.r[i];
+  return a;
+}
+static inline F8 f8_mul(F8 a, F8 b) {
+  for (int i = 0; i < 8; ++i) a.r[i] *= b.r[i];
+  return a;
+}
+static inline F8 f8_max(F8 a, F8 b) {
+  for (int i = 0; i < 8; ++i) a.r[i] = std::max(a.r[i], b.r[i]);
+  return a;
+}
+static inline float f8_hsum(F8 a) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += a.r[i];
+  return s;
+}
+static inline float f8_hmax(F8 a) {
+  float s = a.r[0];
+  for (int i = 1; i < 8; ++i) s = std::max(s, a.r[i]);
+  return s;
+}
+static inline F8 f8_exp(F8 a) {
+  for (int i = 0; i < 8; ++i) a.r[i] = std::exp(a.r[i]);
+  return a;
+}
+#endif
+
+template <typename T>
+static inline float to_f(T x) {
+  return static_cast<float>(x);
+}
+
+// ---------------------------------------------------------------- scratch
+
+struct Scratch {
+  std::vector<float> f0, f1, f2;
+  std::vector<int32_t> i0;
+  std::vector<const void*> p0, p1;
+  std::vector<uint8_t> b0, b1;
+};
+static Scratch& scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+template <typename V>
+static inline auto* grow(V& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+static inline int num_threads_for(int64_t items) {
+  int nt = at::get_num_threads();
+  if (items < nt) nt = static_cast<int>(std::max<int64_t>(items, 1));
+  return nt;
+}
+
+// ---------------------------------------------------------------- QK
+// c[m*ldc + j] = sum_d q[m*ldq + d] * k[d*ldk + j]  for j in [0, 8*NV)
+template <int M, int NV, typename T>
+static inline void qk_tile(const float* __restrict q, int64_t ldq, const T* __restrict k, int64_t ldk, int D,
+                           float* __restrict c, int64_t ldc) {
+  F8 acc[M][NV];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[m][v] = f8_zero();
+  for (int d = 0; d < D; ++d) {
+    F8 kv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) kv[v] = f8_load(k + d * ldk + 8 * v);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      F8 a = f8_bcast(q + m * ldq + d);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[m][v] = f8_fma(a, kv[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) f8_store(c + m * ldc + 8 * v, acc[m][v]);
+}
+
+// logits of M (<= 4) query rows against the bs slots of one key page [D, bs]
+template <int M, typename T>
+static inline void qk_page_rows(const float* q, int64_t ldq, const T* kp, int bs, int D, float* c, int64_t ldc) {
+  int j = 0;
+  for (; j + 16 <= bs; j += 16) qk_tile<M, 2>(q, ldq, kp + j, bs, D, c + j, ldc);
+  for (; j + 8 <= bs; j += 8) qk_tile<M, 1>(q, ldq, kp + j, bs, D, c + j, ldc);
+  for (; j < bs; ++j)
+    for (int m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int d = 0; d < D; ++d) s += q[m * ldq + d] * to_f(kp[d * bs + j]);
+      c[m * ldc + j] = s;
+    }
+}
+
+template <typename T>
+static void qk_page(const float* q, int64_t ldq, int M, const T* kp, int bs, int D, float* c, int64_t ldc) {
+  int m = 0;
+  for (; m + 4 <= M; m += 4) qk_page_rows<4>(q + m * ldq, ldq, kp, bs, D, c + m * ldc, ldc);
+  switch (M - m) {
+    case 3: qk_page_rows<3>(q + m * ldq, ldq, kp, bs, D, c + m * ldc, ldc); break;
+    case 2: qk_page_rows<2>(q + m * ldq, ldq, kp, bs, D, c + m * ldc, ldc); break;
+    case 1: qk_page_rows<1>(q + m * ldq, ldq, kp, bs, D, c + m * ldc, ldc); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------- softmax
+// x[0..n) <- exp(x - max); returns 1 / sum (n >= 1).
+static float softmax_unnormalized(float* x, int n) {
+  int j = 0;
+  float mx = -std::numeric_limits<float>::infinity();
+  if (n >= 8) {
+    F8 m8 = f8_load(x);
+    for (j = 8; j + 8 <= n; j += 8) m8 = f8_max(m8, f8_load(x + j));
+    mx = f8_hmax(m8);
+  }
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
+  F8 mv = f8_set(mx);
+  F8 s8 = f8_zero();
+  j = 0;
+  for (; j + 8 <= n; j += 8) {
+    F8 e = f8_exp(f8_sub(f8_load(x + j), mv));
+    f8_store(x + j, e);
+    s8 = f8_add(s8, e);
+  }
+  float s = f8_hsum(s8);
+  for (; j < n; ++j) {
+    float e = std::exp(x[j] - mx);
+    x[j] = e;
+    s += e;
+  }
+  return 1.0f / s;
+}
+
+// y[0..n) += a * x[0..n)
+static inline void axpy(float* __restrict y, const float* __restrict x, float a, int n) {
+  F8 av = f8_set(a);
+  int j = 0;
+  for (; j + 8 <= n; j += 8) f8_store(y + j, f8_fma(av, f8_load(x + j), f8_load(y + j)));
+  for (; j < n; ++j) y[j] += a * x[j];
+}
+
+// ---------------------------------------------------------------- PV
+// o[m*ldo + d0 + 8v] = sum_{j<n} p[m*ldp + j] * V[j][d0 + 8v], V rows paged.
+template <int M, int NV, typename T>
+static inline void pv_tile(const float* __restrict p, int64_t ldp, const T* const* vpages, int bs, int D, int n,
+                           int d0, float* __restrict o, int64_t ldo) {
+  F8 acc[M][NV];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[m][v] = f8_zero();
+  for (int pg = 0, base = 0; base < n; ++pg, base += bs) {
+    const T* vp = vpages[pg] + d0;
+    const int cnt = std::min(bs, n - base);
+    const float* pp = p + base;
+    for (int off = 0; off < cnt; ++off) {
+      F8 vv[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) vv[v] = f8_load(vp + static_cast<int64_t>(off) * D + 8 * v);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        F8 a = f8_bcast(pp + m * ldp + off);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[m][v] = f8_fma(a, vv[v], acc[m][v]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) f8_store(o + m * ldo + d0 + 8 * v, acc[m][v]);
+}
+
+template <int M, typename T>
+static inline void pv_rows(const float* p, int64_t ldp, const T* const* vpages, int bs, int D, int n, float* o,
+                           int64_t ldo) {
+  int d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16) pv_tile<M, 2>(p, ldp, vpages, bs, D, n, d0, o, ldo);
+  for (; d0 + 8 <= D; d0 += 8) pv_tile<M, 1>(p, ldp, vpages, bs, D, n, d0, o, ldo);
+  for (; d0 < D; ++d0)
+    for (int m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int j = 0; j < n; ++j) s += p[m * ldp + j] * to_f(vpages[j / bs][static_cast<int64_t>(j % bs) * D + d0]);
+      o[m * ldo + d0] = s;
+    }
+}
+
+template <typename T>
+static void pv(const float* p, int64_t ldp, int M, const T* const* vpages, int bs, int D, int n, float* o,
+               int64_t ldo) {
+  int m = 0;
+  for (; m + 4 <= M; m += 4) pv_rows<4>(p + m * ldp, ldp, vpages, bs, D, n, o + m * ldo, ldo);
+  switch (M - m) {
+    case 3: pv_rows<3>(p + m * ldp, ldp, vpages, bs, D, n, o + m * ldo, ldo); break;
+    case 2: pv_rows<2>(p + m * ldp, ldp, vpages, bs, D, n, o + m * ldo, ldo); break;
+    case 1: pv_rows<1>(p + m * ldp, ldp, vpages, bs, D, n, o + m * ldo, ldo); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------- checks
+
+struct PagedArgs {
+  int64_t nb, H, D, bs;
+  int64_t sk0, sk1, sv0, sv1, sa0 = 0, sa1 = 0;
+};
+
+static PagedArgs check_paged(const at::Tensor& k_t, const at::Tensor* v, const c10::optional<at::Tensor>& acc) {
+  TORCH_CHECK(k_t.dim() == 4, "k_t must be [nb, H, D, bs]");
+  TORCH_CHECK(k_t.device().is_cpu(), "kvcompress CPU kernels need CPU tensors");
+  PagedArgs a;
+  a.nb = k_t.size(0);
+  a.H = k_t.size(1);
+  a.D = k_t.size(2);
+  a.bs = k_t.size(3);
+  TORCH_CHECK(k_t.stride(3) == 1 && k_t.stride(2) == a.bs, "key pages must be contiguous [D, bs]");
+  a.sk0 = k_t.stride(0);
+  a.sk1 = k_t.stride(1);
+  a.sv0 = a.sv1 = 0;
+  if (v != nullptr) {
+    TORCH_CHECK(v->dim() == 4 && v->device().is_cpu(), "v must be a 4-d CPU tensor");
+    TORCH_CHECK(v->scalar_type() == k_t.scalar_type(), "k_t and v dtypes differ");
+    TORCH_CHECK(v->size(0) == a.nb && v->size(1) == a.H && v->size(2) == a.bs && v->size(3) == a.D,
+                "v must be [nb, H, bs, D] matching k_t [nb, H, D, bs]");
+    TORCH_CHECK(v->stride(3) == 1 && v->stride(2) == a.D, "value pages must be contiguous [bs, D]");
+    a.sv0 = v->stride(0);
+    a.sv1 = v->stride(1);
+  }
+  if (acc.has_value() && acc->defined()) {
+    TORCH_CHECK(acc->scalar_type() == at::kFloat && acc->device().is_cpu(), "acc must be a float32 CPU tensor");
+    TORCH_CHECK(acc->dim() == 3 && acc->size(0) == a.nb && acc->size(1) == a.H && acc->size(2) == a.bs,
+                "acc must be [nb, H, bs]");
+    TORCH_CHECK(acc->stride(2) == 1, "acc pages must be contiguous");
+    a.sa0 = acc->stride(0);
+    a.sa1 = acc->stride(1);
+  }
+  return a;
+}
+
+static void check_int_vec(const at::Tensor& t, int64_t n, const char* name, at::ScalarType st) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be 1-d of length ", n);
+  TORCH_CHECK(t.scalar_type() == st && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous CPU tensor of type ", st);
+}
+
+// every block id a window of `len` slots touches must be a valid block
+static void check_rows(const int32_t* bt, int64_t sbt0, int64_t cols, int64_t R, const int32_t* lens,
+                       const int64_t* starts, int64_t bs, int64_t nb) {
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t len = lens ? lens[i] : 0;
+    if (len <= 0) continue;
+    const int64_t s = starts ? starts[i] : 0;
+    const int64_t npg = (len + bs - 1) / bs;
+    TORCH_CHECK(s >= 0 && s + npg <= cols, "request ", i, ": window of ", len, " slots at entry ", s,
+                " exceeds the block table (", cols, " columns)");
+    for (int64_t pg = 0; pg < npg; ++pg) {
+      const int64_t b = bt[i * sbt0 + s + pg];
+      TORCH_CHECK(b >= 0 && b < nb, "request ", i, ": block id ", b, " out of range [0, ", nb, ")");
+    }
+  }
+}
+
+// ---------------------------------------------------------------- (a) decode
+
+template <typename T>
+static void decode_impl(const at::Tensor& query, const PagedArgs& pa, const T* kbase, const T* vbase,
+                        const int32_t* bt, int64_t sbt0, const int32_t* sl, double scale_d, float* acc,
+                        const float* w, at::Tensor& out) {
+  const int64_t R = query.size(0), Hq = query.size(1);
+  const int H = static_cast<int>(pa.H), D = static_cast<int>(pa.D), bs = static_cast<int>(pa.bs);
+  const int G = static_cast<int>(Hq / H);
+  const T* q = query.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const int64_t sq0 = query.stride(0), sq1 = query.stride(1), so0 = out.stride(0), so1 = out.stride(1);
+  const float scale = static_cast<float>(scale_d);
+  const int64_t items = R * H;
+  const int nt = num_threads_for(items);
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t i = it / H;
+    const int h = static_cast<int>(it % H);
+    const int L = sl[i];
+    T* orow = o + i * so0 + static_cast<int64_t>(h) * G * so1;
+    if (L <= 0) {
+      for (int g = 0; g < G; ++g)
+        for (int d = 0; d < D; ++d) orow[g * so1 + d] = static_cast<T>(0.f);
+      continue;
+    }
+    const int npg = (L + bs - 1) / bs;
+    const int64_t ldl = static_cast<int64_t>(npg) * bs;
+    Scratch& s = scratch();
+    float* qf = grow(s.f0, static_cast<size_t>(G) * D);
+    float* lg = grow(s.f1, static_cast<size_t>(G) * ldl);
+    float* of = grow(s.f2, static_cast<size_t>(G) * D + G);
+    float* inv = of + static_cast<size_t>(G) * D;
+    const T** kp = reinterpret_cast<const T**>(grow(s.p0, npg));
+    const T** vp = reinterpret_cast<const T**>(grow(s.p1, npg));
+    const T* qrow = q + i * sq0 + static_cast<int64_t>(h) * G * sq1;
+    for (int g = 0; g < G; ++g)
+      for (int d = 0; d < D; ++d) qf[g * D + d] = to_f(qrow[g * sq1 + d]) * scale;
+    const int32_t* btr = bt + i * sbt0;
+    for (int pg = 0; pg < npg; ++pg) {
+      const int64_t b = btr[pg];
+      kp[pg] = kbase + b * pa.sk0 + h * pa.sk1;
+      vp[pg] = vbase + b * pa.sv0 + h * pa.sv1;
+    }
+    for (int pg = 0; pg < npg; ++pg) qk_page(qf, D, G, kp[pg], bs, D, lg + static_cast<int64_t>(pg) * bs, ldl);
+    for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalized(lg + g * ldl, L);
+    pv(lg, ldl, G, vp, bs, D, L, of, D);
+    for (int g = 0; g < G; ++g)
+      for (int d = 0; d < D; ++d) orow[g * so1 + d] = static_cast<T>(of[g * D + d] * inv[g]);
+    if (acc != nullptr) {
+      // acc[p] += (w / G) * sum_g probs[g, p]; the new (last) slot starts from 0
+      const float wg = w[i] / static_cast<float>(G);
+      for (int g = 0; g < G; ++g) inv[g] *= wg;
+      float last = 0.f;
+      for (int g = 0; g < G; ++g) last += lg[g * ldl + L - 1] * inv[g];
+      for (int pg = 0; pg < npg; ++pg) {
+        float* ap = acc + static_cast<int64_t>(btr[pg]) * pa.sa0 + h * pa.sa1;
+        const float* lp = lg + static_cast<int64_t>(pg) * bs;
+        const int cnt = std::min(bs, L - pg * bs);
+        int off = 0;
+        for (; off + 8 <= cnt; off += 8) {
+          F8 a = f8_load(ap + off);
+          for (int g = 0; g < G; ++g) a = f8_fma(f8_set(inv[g]), f8_load(lp + g * ldl + off), a);
+          f8_store(ap + off, a);
+        }
+        for (; off < cnt; ++off) {
+          float a = ap[off];
+          for (int g = 0; g < G; ++g) a += lp[g * ldl + off] * inv[g];
+          ap[off] = a;
+        }
+      }
+      const int64_t lb = btr[(L - 1) / bs];
+      acc[lb * pa.sa0 + h * pa.sa1 + (L - 1) % bs] = last;
+    }
+  }
+}
+
+void decode_attention_scores(const at::Tensor& query, const at::Tensor& k_t, const at::Tensor& v,
+                             const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                             const c10::optional<at::Tensor>& acc, const c10::optional<at::Tensor>& weights,
+                             at::Tensor out) {
+  const PagedArgs pa = check_paged(k_t, &v, acc);
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.device().is_cpu(),
+              "query must be a CPU [R, Hq, D] tensor with contiguous rows");
+  TORCH_CHECK(query.scalar_type() == k_t.scalar_type(), "query dtype must match the cache dtype");
+  const int64_t R = query.size(0), Hq = query.size(1);
+  TORCH_CHECK(query.size(2) == pa.D, "query head size ", query.size(2), " != cache head size ", pa.D);
+  TORCH_CHECK(Hq % pa.H == 0, Hq, " query heads are not a multiple of ", pa.H, " KV heads");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= R && block_table.scalar_type() == at::kInt &&
+                  block_table.stride(1) == 1,
+              "block_table must be int32 [R, cols] with contiguous rows");
+  check_int_vec(seq_lens, R, "seq_lens", at::kInt);
+  const bool has_acc = acc.has_value() && acc->defined();
+  if (has_acc) {
+    TORCH_CHECK(weights.has_value() && weights->defined(), "weights are required with acc");
+    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == R && weights->scalar_type() == at::kFloat &&
+                    weights->is_contiguous(),
+                "weights must be float32 [R]");
+  }
+  TORCH_CHECK(out.device().is_cpu() && out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.stride(2) == 1,
+              "out must be like query with contiguous rows");
+  check_rows(block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.size(1), R,
+             seq_lens.data_ptr<int32_t>(), nullptr, pa.bs, pa.nb);
+  float* accp = has_acc ? acc->data_ptr<float>() : nullptr;
+  const float* wp = has_acc ? weights->data_ptr<float>() : nullptr;
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int32_t* sl = seq_lens.data_ptr<int32_t>();
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      decode_impl<float>(query, pa, k_t.data_ptr<float>(), v.data_ptr<float>(), bt, block_table.stride(0), sl, scale,
+                         accp, wp, out);
+      break;
+    case at::kBFloat16:
+      decode_impl<c10::BFloat16>(query, pa, k_t.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), bt,
+                                 block_table.stride(0), sl, scale, accp, wp, out);
+      break;
+    case at::kHalf:
+      decode_impl<c10::Half>(query, pa, k_t.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), bt,
+                             block_table.stride(0), sl, scale, accp, wp, out);
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", query.scalar_type());
+  }
+}
+
+// ---------------------------------------------------------------- (b) window scores
+
+struct WItem {
+  int64_t i;       // request
+  int h;           // KV head
+  int q0, q1;      // range in the request's weighted-query list
+  int64_t part;    // offset in the partial-sum buffer
+  int plen;        // keys this item touches (max query slot + 1, <= L)
+};
+
+template <typename T>
+static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, const PagedArgs& pa,
+                        const T* kbase, const int32_t* bt, int64_t sbt0, const int32_t* sl, const int32_t* nr,
+                        const float* w, double scale_d, float* acc) {
+  const int H = static_cast<int>(pa.H), D = static_cast<int>(pa.D), bs = static_cast<int>(pa.bs);
+  const int G = static_cast<int>(query.size(1) / H);
+  const T* q = query.data_ptr<T>();
+  const int64_t sq0 = query.stride(0), sq1 = query.stride(1);
+  const float scale = static_cast<float>(scale_d);
+
+  // weighted queries of each request (local index k: token qs[i] + k, window slot nr[i] + k)
+  std::vector<int32_t> wq;
+  std::vector<int64_t> wstart(R + 1, 0);
+  std::vector<double> cost(R, 0.0);
+  double total = 0.0;
+  for (int64_t i = 0; i < R; ++i) {
+    wstart[i] = static_cast<int64_t>(wq.size());
+    const int L = sl[i];
+    if (L <= 0) continue;
+    for (int k = 0, n = qs[i + 1] - qs[i]; k < n; ++k) {
+      if (!(w[qs[i] + k] > 0.f)) continue;
+      wq.push_back(k);
+      cost[i] += std::min<int64_t>(static_cast<int64_t>(nr[i]) + k + 1, L);
+    }
+    total += cost[i];
+  }
+  wstart[R] = static_cast<int64_t>(wq.size());
+
+  // work items: (request, head, contiguous share of its weighted queries), split by cost
+  const int nthreads = at::get_num_threads();
+  const double target = total > 0 ? total / (4.0 * nthreads) : 1.0;
+  std::vector<WItem> items;
+  std::vector<int64_t> ih_start(R * H + 1, 0);
+  int64_t part_total = 0;
+  std::vector<std::pair<int, int>> ranges;
+  for (int64_t i = 0; i < R; ++i) {
+    const int nq = static_cast<int>(wstart[i + 1] - wstart[i]);
+    ranges.clear();
+    if (nq > 0) {
+      const int S = static_cast<int>(std::min<double>(nq, std::max(1.0, std::ceil(cost[i] / target))));
+      const int32_t* ks = wq.data() + wstart[i];
+      double cum = 0.0;
+      int lo = 0;
+      for (int a = 0; a < nq; ++a) {
+        cum += std::min<int64_t>(static_cast<int64_t>(nr[i]) + ks[a] + 1, sl[i]);
+        const int s = static_cast<int>(ranges.size());
+        if (a == nq - 1 || (s < S - 1 && cum >= cost[i] * (s + 1) / S)) {
+          ranges.emplace_back(lo, a + 1);
+          lo = a + 1;
+        }
+      }
+    }
+    for (int h = 0; h < H; ++h) {
+      ih_start[i * H + h] = static_cast<int64_t>(items.size());
+      for (auto& r : ranges) {
+        const int last = wq[wstart[i] + r.second - 1];
+        const int plen = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(nr[i]) + last + 1, sl[i]));
+        items.push_back(WItem{i, h, r.first, r.second, part_total, plen});
+        part_total += plen;
+      }
+    }
+  }
+  ih_start[R * H] = static_cast<int64_t>(items.size());
+  std::vector<float> part(static_cast<size_t>(part_total), 0.f);
+
+  const int64_t nitems = static_cast<int64_t>(items.size());
+  const int QC = std::max(1, 16 / G);  // queries per row block (QC * G query-head rows)
+  int nt = num_threads_for(nitems);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < nitems; ++it) {
+    const WItem& item = items[it];
+    const int64_t i = item.i;
+    const int h = item.h;
+    const int L = sl[i];
+    const int32_t* ks = wq.data() + wstart[i];
+    const int32_t* btr = bt + i * sbt0;
+    float* pout = part.data() + item.part;
+    Scratch& s = scratch();
+    for (int qa = item.q0; qa < item.q1; qa += QC) {
+      const int qb = std::min(item.q1, qa + QC);
+      const int M = (qb - qa) * G;
+      const int kmax = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(nr[i]) + ks[qb - 1] + 1, L));
+      const int npg = (kmax + bs - 1) / bs;
+      const int64_t ldl = static_cast<int64_t>(npg) * bs;
+      float* qf = grow(s.f0, static_cast<size_t>(M) * D);
+      float* lg = grow(s.f1, static_cast<size_t>(M) * ldl);
+      for (int qq = qa; qq < qb; ++qq) {
+        const T* qrow = q + static_cast<int64_t>(qs[i] + ks[qq]) * sq0 + static_cast<int64_t>(h) * G * sq1;
+        float* dst = qf + static_cast<int64_t>(qq - qa) * G * D;
+        for (int g = 0; g < G; ++g)
+          for (int d = 0; d < D; ++d) dst[g * D + d] = to_f(qrow[g * sq1 + d]) * scale;
+      }
+      for (int pg = 0; pg < npg; ++pg) {
+        const T* kp = kbase + static_cast<int64_t>(btr[pg]) * pa.sk0 + h * pa.sk1;
+        qk_page(qf, D, M, kp, bs, D, lg + static_cast<int64_t>(pg) * bs, ldl);
+      }
+      for (int r = 0; r < M; ++r) {
+        const int qq = qa + r / G;
+        const int n = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(nr[i]) + ks[qq] + 1, L));
+        float* row = lg + r * ldl;
+        const float inv = softmax_unnormalized(row, n);
+        axpy(pout, row, w[qs[i] + ks[qq]] * inv / static_cast<float>(G), n);
+      }
+    }
+  }
+
+  const int64_t nih = R * H;
+  nt = num_threads_for(nih);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t ih = 0; ih < nih; ++ih) {
+    const int64_t i = ih / H;
+    const int h = static_cast<int>(ih % H);
+    const int L = sl[i];
+    if (L <= 0) continue;
+    const int32_t* btr = bt + i * sbt0;
+    for (int pg = 0, base = 0; base < L; ++pg, base += bs) {
+      float* ap = acc + static_cast<int64_t>(btr[pg]) * pa.sa0 + h * pa.sa1;
+      const int cnt = std::min(bs, L - base);
+      for (int off = 0; off < cnt; ++off) {
+        const int j = base + off;
+        float val = j >= nr[i] ? 0.f : ap[off];
+        for (int64_t x = ih_start[ih]; x < ih_start[ih + 1]; ++x)
+          if (j < items[x].plen) val += part[items[x].part + j];
+        ap[off] = val;
+      }
+    }
+  }
+}
+
+void window_scores(const at::Tensor& query, const at::Tensor& query_start, const at::Tensor& k_t,
+                   const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& num_retained,
+                   const at::Tensor& weights, double scale, const at::Tensor& acc) {
+  const c10::optional<at::Tensor> acc_opt(acc);
+  const PagedArgs pa = check_paged(k_t, nullptr, acc_opt);
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.device().is_cpu(),
+              "query must be a CPU [T, Hq, D] tensor with contiguous rows");
+  TORCH_CHECK(query.scalar_type() == k_t.scalar_type(), "query dtype must match the cache dtype");
+  TORCH_CHECK(query.size(2) == pa.D && query.size(1) % pa.H == 0, "query must be [T, G*H, D]");
+  const int64_t R = seq_lens.size(0);
+  check_int_vec(query_start, R + 1, "query_start", at::kInt);
+  check_int_vec(seq_lens, R, "seq_lens", at::kInt);
+  check_int_vec(num_retained, R, "num_retained", at::kInt);
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) >= query.size(0) && weights.scalar_type() == at::kFloat &&
+                  weights.is_contiguous(),
+              "weights must be float32 [T]");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= R && block_table.scalar_type() == at::kInt &&
+                  block_table.stride(1) == 1,
+              "block_table must be int32 [R, cols] with contiguous rows");
+  const int32_t* qs = query_start.data_ptr<int32_t>();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK(qs[i] >= 0 && qs[i] <= qs[i + 1] && qs[i + 1] <= query.size(0), "bad query_start");
+  const int32_t* nr = num_retained.data_ptr<int32_t>();
+  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(nr[i] >= 0, "num_retained must be >= 0");
+  check_rows(block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.size(1), R,
+             seq_lens.data_ptr<int32_t>(), nullptr, pa.bs, pa.nb);
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int64_t sbt0 = block_table.stride(0);
+  const int32_t* sl = seq_lens.data_ptr<int32_t>();
+  const float* w = weights.data_ptr<float>();
+  float* accp = acc.data_ptr<float>();
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      window_impl<float>(query, R, qs, pa, k_t.data_ptr<float>(), bt, sbt0, sl, nr, w, scale, accp);
+      break;
+    case at::kBFloat16:
+      window_impl<c10::BFloat16>(query, R, qs, pa, k_t.data_ptr<c10::BFloat16>(), bt, sbt0, sl, nr, w, scale, accp);
+      break;
+    case at::kHalf:
+      window_impl<c10::Half>(query, R, qs, pa, k_t.data_ptr<c10::Half>(), bt, sbt0, sl, nr, w, scale, accp);
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", query.scalar_type());
+  }
+}
+
+// ---------------------------------------------------------------- (c) compaction
+
+template <typename T>
+static void compact_impl(const PagedArgs& pa, T* kbase, T* vbase, float* acc, const int32_t* bt, int64_t sbt0,
+                         int64_t R, const int64_t* os, const int64_t* ns, const int64_t* kept, int64_t skr,
+                         int64_t skh, int64_t Kmax, const int64_t* keep, const float* nacc, int64_t snr,
+                         int64_t snh) {
+  const int H = static_cast<int>(pa.H), D = static_cast<int>(pa.D), bs = static_cast<int>(pa.bs);
+  const int64_t items = R * H;
+  const int nt = num_threads_for(items);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t i = it / H;
+    const int h = static_cast<int>(it % H);
+    const int64_t* kr = kept + i * skr + h * skh;
+    int n = static_cast<int>(std::min<int64_t>(keep[i], Kmax));
+    for (int k = 0; k < n; ++k)
+      if (kr[k] < 0) {  // padding ends the row
+        n = k;
+        break;
+      }
+    if (n <= 0) continue;
+    const int32_t* btr = bt + i * sbt0;
+    Scratch& s = scratch();
+    T* kb = reinterpret_cast<T*>(grow(s.b0, static_cast<size_t>(n) * D * sizeof(T)));  // [D][n]
+    T* vb = reinterpret_cast<T*>(grow(s.b1, static_cast<size_t>(n) * D * sizeof(T)));  // [n][D]
+    float* ab = grow(s.f0, static_cast<size_t>(n));
+    int32_t* offs = grow(s.i0, static_cast<size_t>(n));  // in-page offsets
+    for (int k = 0; k < n; ++k) offs[k] = static_cast<int32_t>(kr[k] % bs);
+    // gather every kept slot first (the destination window overlaps the source one),
+    // one source page at a time
+    for (int k0 = 0; k0 < n;) {
+      const int64_t e = kr[k0] / bs;
+      int k1 = k0 + 1;
+      while (k1 < n && kr[k1] / bs == e) ++k1;
+      const int64_t blk = btr[os[i] + e];
+      const T* kp = kbase + blk * pa.sk0 + h * pa.sk1;
+      const T* vp = vbase + blk * pa.sv0 + h * pa.sv1;
+      const int32_t* of = offs + k0;
+      const int c = k1 - k0;
+      if (c == bs) {  // the whole page is kept: plain row copies
+        for (int d = 0; d < D; ++d)
+          std::memcpy(kb + static_cast<int64_t>(d) * n + k0, kp + static_cast<int64_t>(d) * bs, sizeof(T) * bs);
+        std::memcpy(vb + static_cast<int64_t>(k0) * D, vp, sizeof(T) * bs * D);
+      } else {
+        for (int d = 0; d < D; ++d) {
+          const T* __restrict row = kp + static_cast<int64_t>(d) * bs;
+          T* __restrict dst = kb + static_cast<int64_t>(d) * n + k0;
+          for (int k = 0; k < c; ++k) dst[k] = row[of[k]];
+        }
+        for (int k = 0; k < c; ++k)
+          std::memcpy(vb + static_cast<int64_t>(k0 + k) * D, vp + static_cast<int64_t>(of[k]) * D, sizeof(T) * D);
+      }
+      if (acc != nullptr && nacc == nullptr) {
+        const float* ap = acc + blk * pa.sa0 + h * pa.sa1;
+        for (int k = 0; k < c; ++k) ab[k0 + k] = ap[of[k]];
+      }
+      k0 = k1;
+    }
+    // scatter: destination slots k0.. of one page are contiguous
+    for (int k0 = 0; k0 < n; k0 += bs) {
+      const int cnt = std::min(bs, n - k0);
+      const int64_t blk = btr[ns[i] + k0 / bs];
+      T* kp = kbase + blk * pa.sk0 + h * pa.sk1;
+      for (int d = 0; d < D; ++d)
+        std::memcpy(kp + static_cast<int64_t>(d) * bs, kb + static_cast<int64_t>(d) * n + k0, sizeof(T) * cnt);
+      std::memcpy(vbase + blk * pa.sv0 + h * pa.sv1, vb + static_cast<int64_t>(k0) * D, sizeof(T) * cnt * D);
+      if (acc != nullptr)
+        std::memcpy(acc + blk * pa.sa0 + h * pa.sa1, nacc ? nacc + i * snr + h * snh + k0 : ab + k0,
+                    sizeof(float) * cnt);
+    }
+  }
+}
+
+void compact_windows(const at::Tensor& k_t, const at::Tensor& v, const c10::optional<at::Tensor>& acc,
+                     const at::Tensor& block_table, const at::Tensor& old_start, const at::Tensor& new_start,
+                     const at::Tensor& kept, const at::Tensor& keep, const c10::optional<at::Tensor>& new_acc) {
+  const PagedArgs pa = check_paged(k_t, &v, acc);
+  const int64_t R = keep.size(0);
+  check_int_vec(keep, R, "keep", at::kLong);
+  check_int_vec(old_start, R, "old_start", at::kLong);
+  check_int_vec(new_start, R, "new_start", at::kLong);
+  TORCH_CHECK(kept.dim() == 3 && kept.size(0) == R && kept.size(1) == pa.H && kept.scalar_type() == at::kLong &&
+                  kept.stride(2) == 1,
+              "kept must be int64 [R, H, Kmax] with contiguous rows");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= R && block_table.scalar_type() == at::kInt &&
+                  block_table.stride(1) == 1,
+              "block_table must be int32 [R, cols] with contiguous rows");
+  const bool has_acc = acc.has_value() && acc->defined();
+  const bool has_new = new_acc.has_value() && new_acc->defined();
+  if (has_new) {
+    TORCH_CHECK(new_acc->dim() == 3 && new_acc->size(0) == R && new_acc->size(1) == pa.H &&
+                    new_acc->size(2) == kept.size(2) && new_acc->scalar_type() == at::kFloat &&
+                    new_acc->stride(2) == 1 && new_acc->device().is_cpu(),
+                "new_acc must be float32 [R, H, Kmax] like kept");
+  }
+  const int64_t Kmax = kept.size(2), cols = block_table.size(1);
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int64_t sbt0 = block_table.stride(0);
+  const int64_t* os = old_start.data_ptr<int64_t>();
+  const int64_t* ns = new_start.data_ptr<int64_t>();
+  const int64_t* kp = keep.data_ptr<int64_t>();
+  const int64_t* kr = kept.data_ptr<int64_t>();
+  // validate every source and destination slot before touching the cache
+  auto check_entry = [&](int64_t i, int64_t e) {
+    TORCH_CHECK(e >= 0 && e < cols, "request ", i, ": block-table entry ", e, " out of range");
+    const int64_t b = bt[i * sbt0 + e];
+    TORCH_CHECK(b >= 0 && b < pa.nb, "request ", i, ": block id ", b, " out of range");
+  };
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t n = std::min(kp[i], Kmax);
+    if (n <= 0) continue;
+    for (int64_t pg = 0; pg * pa.bs < n; ++pg) check_entry(i, ns[i] + pg);
+    for (int64_t h = 0; h < pa.H; ++h)
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t src = kr[i * kept.stride(0) + h * kept.stride(1) + k];
+        if (src < 0) break;
+        check_entry(i, os[i] + src / pa.bs);
+      }
+  }
+  float* accp = has_acc ? acc->data_ptr<float>() : nullptr;
+  const float* np = has_new ? new_acc->data_ptr<float>() : nullptr;
+  const int64_t snr = has_new ? new_acc->stride(0) : 0, snh = has_new ? new_acc->stride(1) : 0;
+  switch (k_t.scalar_type()) {
+    case at::kFloat:
+      compact_impl<float>(pa, k_t.data_ptr<float>(), v.data_ptr<float>(), accp, bt, sbt0, R, os, ns, kr,
+                          kept.stride(0), kept.stride(1), Kmax, kp, np, snr, snh);
+      break;
+    case at::kBFloat16:
+      compact_impl<c10::BFloat16>(pa, k_t.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), accp, bt, sbt0, R,
+                                  os, ns, kr, kept.stride(0), kept.stride(1), Kmax, kp, np, snr, snh);
+      break;
+    case at::kHalf:
+      compact_impl<c10::Half>(pa, k_t.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), accp, bt, sbt0, R, os, ns, kr,
+                              kept.stride(0), kept.stride(1), Kmax, kp, np, snr, snh);
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", k_t.scalar_type());
+  }
+}
+
+int64_t simd_width() {
+#ifdef KVC_AVX2
+  return 8;
+#else
+  return 1;
+#endif
+}
+
+}  // namespace kvc
+
+TORCH_LIBRARY(kvcompress, m) {
+  m.def(
+      "decode_attention_scores(Tensor query, Tensor k_t, Tensor v, Tensor block_table, Tensor seq_lens, "
+      "float scale, Tensor(a!)? acc, Tensor? weights, Tensor(b!) out) -> ()");
+  m.def(
+      "window_scores(Tensor query, Tensor query_start, Tensor k_t, Tensor block_table, Tensor seq_lens, "
+      "Tensor num_retained, Tensor weights, float scale, Tensor(a!) acc) -> ()");
+  m.def(
+      "compact_windows(Tensor(a!) k_t, Tensor(b!) v, Tensor(c!)? acc, Tensor block_table, Tensor old_start, "
+      "Tensor new_start, Tensor kept, Tensor keep, Tensor? new_acc) -> ()");
+  m.def("simd_width() -> int", &kvc::simd_width);
+}
+
+TORCH_LIBRARY_IMPL(kvcompress, CPU, m) {
+  m.impl("decode_attention_scores", &kvc::decode_attention_scores);
+  m.impl("window_scores", &kvc::window_scores);
+  m.impl("compact_windows", &kvc::compact_windows);
+}
