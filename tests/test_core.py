@@ -109,7 +109,6 @@ def test_decoding_requests_hold_exactly_the_predicted_pages(h2o_llm, essay_promp
                 assert _held(m, req.request_id) == paging.live_blocks(c - 1, 1, budget, m.interval, m.block_size)
                 # and never more than budget + slack (the compaction interval, one partial page, the new token)
                 assert _held(m, req.request_id) * m.block_size <= budget + m.interval + 2 * m.block_size
-                assert c > 4 * budget - 64 or True
                 checks += 1
             usage_decode = kvm.usage
     assert checks > 100
@@ -147,11 +146,13 @@ def test_pages_return_after_finish_abort_and_preemption(h2o_llm, essay_prompts):
 
 
 # ---------------------------------------------------------------- 6. admission at the same KV memory
-def _peak_running(llm, prompts, max_steps=400) -> int:
+def _peak_running(llm, prompts, max_steps=250) -> int:
+    """Most requests running at once while the queue is not empty (long outputs,
+    so the count is bounded by KV memory, not by prefill throughput)."""
     eng = llm.llm_engine
     sched = scheduler_of(llm)
     for i, p in enumerate(prompts):
-        eng.add_request(f"adm-{i}", p, greedy(16))
+        eng.add_request(f"adm-{i}", p, greedy(256))
     peak = 0
     steps = 0
     while eng.has_unfinished_requests() and steps < max_steps:
@@ -170,8 +171,10 @@ def test_admits_3_5x_more_requests_at_25_percent(model_dir):
     from vllm_kvcompress.assets import essays_text
 
     text = essays_text()
-    prompts = [text[20000 + i * 2500: 20000 + i * 2500 + 2200] + "\n\nIn summary," for i in range(24)]
-    common = dict(kv_cache_memory_bytes=64 << 20, max_num_batched_tokens=256, max_num_seqs=64)
+    # ~1K-token prompts, 256 output tokens; 256 MiB of float32 KV holds ~5.8K tokens:
+    # vanilla fits ~4 such requests
+    prompts = [text[20000 + i * 4400: 20000 + i * 4400 + 4200] + "\n\nIn summary," for i in range(26)]
+    common = dict(max_model_len=2048, max_num_batched_tokens=256, max_num_seqs=64)
     llm = make_llm(model_dir, **common)
     try:
         vanilla_peak = _peak_running(llm, prompts)
@@ -184,3 +187,56 @@ def test_admits_3_5x_more_requests_at_25_percent(model_dir):
         close_llm(llm)
     print(f"peak running requests: vanilla {vanilla_peak}, h2o@25% {ours_peak} ({ours_peak / vanilla_peak:.2f}x)")
     assert ours_peak >= 3.5 * vanilla_peak
+
+
+# ---------------------------------------------------------------- 3. StreamingLLM == vLLM's sliding window
+STORY_PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain, step by step and in great detail, how a steam engine works.",
+    "List and describe twenty famous inventions and the people who made them.",
+]
+
+
+def test_streaming_matches_vllm_sliding_window(model_dir):
+    """StreamingLLM with no sinks and a recent window of N keeps exactly N tokens
+    before each decode step, so the new token attends N+1 keys: vLLM's own
+    sliding window of N+1. Prompts are shorter than the window (inside one
+    prefill chunk the two differ: see docs/policies.md)."""
+    n = 64
+    gen = greedy(160)
+    llm = make_llm(model_dir, {"policy": "streaming", "budget": n, "sinks": 0, "recent_window": n,
+                               "compress_interval": 1})
+    try:
+        ours = tokens(llm.chat([[{"role": "user", "content": p}] for p in STORY_PROMPTS], gen))
+    finally:
+        close_llm(llm)
+    llm = make_llm(model_dir, hf_overrides={"layer_types": ["sliding_attention"] * 30, "sliding_window": n + 1})
+    try:
+        groups = scheduler_of(llm).kv_cache_manager.kv_cache_config.kv_cache_groups
+        assert type(groups[0].kv_cache_spec).__name__ == "SlidingWindowSpec"
+        theirs = tokens(llm.chat([[{"role": "user", "content": p}] for p in STORY_PROMPTS], gen))
+    finally:
+        close_llm(llm)
+    assert all(len(t) == 160 for t in ours)
+    assert ours == theirs
+
+
+# ---------------------------------------------------------------- 8. tensor parallel
+def test_tensor_parallel_matches_single_rank(model_dir, essay_prompts, monkeypatch):
+    """SmolLM2 has 9 query / 3 KV heads, so vLLM accepts TP=3, not TP=2 (9 % 2 != 0).
+    Each rank scores and evicts its own KV head; the retained counts (hence the
+    freed pages) are the same on every rank by construction."""
+    kv = {"policy": "h2o", "budget": 128}
+    gen = greedy(32)
+    llm = make_llm(model_dir, kv)
+    try:
+        tp1 = tokens(llm.generate(essay_prompts["short"], gen))
+    finally:
+        close_llm(llm)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")
+    llm = make_llm(model_dir, kv, tensor_parallel_size=3, distributed_executor_backend="mp")
+    try:
+        tp2 = tokens(llm.generate(essay_prompts["short"], gen))
+    finally:
+        close_llm(llm)
+    assert tp2 == tp1

@@ -10,7 +10,7 @@ import logging
 
 __version__ = "0.1.0"
 
-logger = logging.getLogger("vllm_kvcompress")
+logger = logging.getLogger("vllm.kvcompress")  # under vLLM's logger: same handlers and format
 
 _registered = False
 

@@ -21,6 +21,7 @@ path unchanged.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,7 @@ class StepPlan:
     start_after: np.ndarray  # S(C+n)
     weights: torch.Tensor | None  # [num_tokens] float32 query weights (None: policy ignores attention)
     block_size: int
+    positions: torch.Tensor | None = None  # [num_tokens] true positions (TRACK_POSITIONS only)
 
     @property
     def compact_rows(self) -> np.ndarray:
@@ -76,6 +78,8 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
             cfg = kv_cache_spec.compress_config
             self.policy = get_policy(cfg)
             self.interval = cfg.compress_interval
+            # debug/test aid: also track each slot's true token position (moved with compaction)
+            self.track_positions = os.environ.get("VLLM_KVCOMPRESS_TRACK_POSITIONS", "0") == "1"
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         prompt_lens = StepContext.prompt_lens
@@ -116,7 +120,8 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
                                                            bool(c[i] < prompt_lens[i])) for i in range(len(n))])
         md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n, prompt_lens=prompt_lens,
                           budget=budget, retained=r, start=s, retained_after=r2, start_after=s2, weights=weights,
-                          block_size=bs)
+                          block_size=bs,
+                          positions=cm.positions[: int(qsl[-1])].clone() if self.track_positions else None)
         return md
 
 
@@ -164,13 +169,50 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
             ops.window_scores(query[:t].view(t, self.num_heads, self.head_size), torch.from_numpy(plan.query_start),
                               layer.k_t, md.block_table, md.seq_lens, torch.from_numpy(plan.retained),
                               plan.weights, self.scale, self._acc)
+        if plan.positions is not None:
+            self._track_new(plan, md, value_cache)
         rows = plan.compact_rows
         if len(rows):
             r = torch.from_numpy(rows)
-            ops.compact_requests(layer, plan.policy, plan.block_table[r], torch.from_numpy(plan.start[rows]),
+            old_pos = self._read_pos(plan, rows) if plan.positions is not None else None
+            kept = ops.compact_requests(layer, plan.policy, plan.block_table[r], torch.from_numpy(plan.start[rows]),
                                  torch.from_numpy(plan.retained[rows] + plan.num_new[rows]),
                                  torch.from_numpy(plan.start_after[rows]), torch.from_numpy(plan.retained_after[rows]),
                                  torch.from_numpy(plan.budget[rows]))
+            if old_pos is not None:
+                self._move_pos(plan, rows, old_pos, kept)
+
+    # ---- position tracking (VLLM_KVCOMPRESS_TRACK_POSITIONS=1; tests and debugging only)
+    _pos: torch.Tensor | None = None
+
+    def _track_new(self, plan: StepPlan, md, value_cache) -> None:
+        if self._pos is None:
+            nb, h, bs, _ = value_cache.shape
+            self._pos = torch.full((nb, h, bs), -1, dtype=torch.int64)
+        slots = md.slot_mapping[: len(plan.positions)].long()
+        bs = plan.block_size
+        self._pos[slots // bs, :, slots % bs] = plan.positions.long()[:, None]
+
+    def _read_pos(self, plan: StepPlan, rows) -> list[torch.Tensor]:
+        out = []
+        for i in rows:
+            count = int(plan.retained[i] + plan.num_new[i])
+            blk, off = ops.window_slots(plan.block_table[i], int(plan.start[i]), count, plan.block_size)
+            out.append(self._pos[blk, :, off].T.clone())  # [H, count]
+        return out
+
+    def _move_pos(self, plan: StepPlan, rows, old_pos, kept) -> None:
+        for j, i in enumerate(rows):
+            keep = int(plan.retained_after[i])
+            new = old_pos[j].gather(1, kept[j, :, :keep])
+            blk, off = ops.window_slots(plan.block_table[i], int(plan.start_after[i]), keep, plan.block_size)
+            self._pos[blk, :, off] = new.T
+
+    def retained_positions(self, live_blocks: list[int], count: int) -> torch.Tensor:
+        """[H, count] true positions of window slots 0..count-1 (window = the request's live pages)."""
+        row = torch.tensor(live_blocks, dtype=torch.long)
+        blk, off = ops.window_slots(row, 0, count, self._pos.shape[2])
+        return self._pos[blk, :, off].T
 
 
 class KVCompressCPUBackend(CPUAttentionBackend):

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from vllm_kvcompress.config import ConfigError, KVCompressConfig
 
-logger = logging.getLogger("vllm_kvcompress")
+logger = logging.getLogger("vllm.kvcompress")  # under vLLM's logger: same handlers and format
 
 CONFIG_KEY = "kv_compress"
 _MARK = "__kvcompress_patched__"

@@ -1,0 +1,74 @@
+"""Flags on every EngineArgs parser, and one-line startup errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vllm_kvcompress
+
+
+@pytest.fixture(scope="module")
+def parser():
+    vllm_kvcompress.register()
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return EngineArgs.add_cli_args(FlexibleArgumentParser())
+
+
+def _engine_args(parser, argv):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvcompress.assets import model_path
+
+    return EngineArgs.from_cli_args(parser.parse_args(["--model", str(model_path()), *argv]))
+
+
+def test_flags_land_in_additional_config(parser):
+    ea = _engine_args(parser, ["--kv-policy", "pyramid", "--kv-budget", "0.25", "--kv-sinks", "4"])
+    kv = ea.additional_config["kv_compress"]
+    assert (kv["policy"], kv["budget"], kv["sinks"]) == ("pyramid", 0.25, 4)
+
+
+def test_no_flags_no_config(parser):
+    assert "kv_compress" not in (_engine_args(parser, []).additional_config or {})
+
+
+def test_yaml_preset_and_flag_override(parser):
+    root = os.path.dirname(os.path.dirname(__file__))
+    ea = _engine_args(parser, ["--kv-config", os.path.join(root, "configs", "pyramid.yaml"), "--kv-budget", "512"])
+    kv = ea.additional_config["kv_compress"]
+    assert kv["policy"] == "pyramid" and kv["budget"] == 512
+
+
+def test_patches_apply_twice_harmlessly(parser):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_kvcompress.integration import apply_all
+
+    apply_all()
+    apply_all()
+    p = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    assert sum("--kv-policy" in a.option_strings for a in p._actions) == 1
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--kv-policy", "h2o", "--kv-budget", "1.5"], "kv_compress.budget"),
+    (["--kv-policy", "h2o", "--kv-budget", "-3"], "kv_compress.budget"),
+    (["--kv-policy", "streaming", "--kv-budget", "100", "--kv-sinks", "60", "--kv-recent-window", "60"],
+     "kv_compress"),
+    (["--kv-policy", "nonsense"], "--kv-policy"),
+])
+def test_bad_flags_fail_at_startup_in_one_line(argv, needle, model_dir):
+    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+    out = subprocess.run([vllm, "serve", model_dir, "--kv-cache-memory-bytes", str(64 << 20), *argv],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert needle in last, out.stderr[-2000:]
