@@ -1,5 +1,5 @@
 """Shared fixtures. A vLLM engine takes ~30-60 s to start on 2 cores, so engines
-are shared (session- or module-scoped) and run in-process
+are shared (module-scoped) and run in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so tests can read the scheduler's
 KV-cache manager directly."""
 
@@ -52,9 +52,12 @@ def close_llm(llm) -> None:
     gc.collect()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vanilla_llm(model_dir):
-    """The plugin is installed but no policy is set: vLLM's own behaviour."""
+    """The plugin is installed but no policy is set: vLLM's own behaviour.
+
+    Module-scoped: in-process engines share vLLM's process-global parallel state,
+    so an engine must not be used after another one was shut down."""
     llm = make_llm(model_dir)
     yield llm
     close_llm(llm)

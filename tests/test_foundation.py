@@ -82,4 +82,4 @@ def test_vanilla_greedy_paris(vanilla_llm):
         [[{"role": "user", "content": "What is the capital of France?"}]],
         SamplingParams(temperature=0.0, max_tokens=32),
     )
-    assert "Paris" in out[0].outputs[0].text
+    assert "Paris" in out[0].outputs[0].text, out[0].outputs[0].text

@@ -38,6 +38,10 @@ from vllm_kvcompress.integration.kv_spec import CompressedAttentionSpec
 from vllm_kvcompress.integration.model_runner import StepContext
 from vllm_kvcompress.policies import get_policy
 
+# Pure decode steps of compressed layers run our fused attention+scores kernel
+# instead of vLLM's attention followed by a scoring pass (set 0 to compare).
+FUSED_DECODE = os.environ.get("VLLM_KVCOMPRESS_FUSED_DECODE", "1") == "1"
+
 
 def _retained(c: np.ndarray, budget: np.ndarray, interval: int) -> np.ndarray:
     """Vectorised ``policies.schedule.retained_count``."""
@@ -61,6 +65,7 @@ class StepPlan:
     weights: torch.Tensor | None  # [num_tokens] float32 query weights (None: policy ignores attention)
     block_size: int
     positions: torch.Tensor | None = None  # [num_tokens] true positions (TRACK_POSITIONS only)
+    scored: bool = False  # the fused decode kernel already folded this step's scores in
 
     @property
     def compact_rows(self) -> np.ndarray:
@@ -146,12 +151,33 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
                                             attn_metadata.slot_mapping[:n_tok], layer.isa,
                                             k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                                             kv_cache_dtype=self.kv_cache_dtype)
-        super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                        output_block_scale)
         plan = getattr(attn_metadata, "kvc", None)
+        if plan is not None and self._can_fuse(plan, n_tok):
+            # pure decode step: attention and the score update in one pass over the window
+            self._ensure_acc(value_cache)
+            r = n_tok
+            ops.decode_attention_scores(query[:r].view(r, self.num_heads, self.head_size),
+                                        key_cache.view(*value_cache.shape[:2], self.head_size, -1), value_cache,
+                                        attn_metadata.block_table, attn_metadata.seq_lens, self.scale, self._acc,
+                                        plan.weights, out=output[:r].view(r, self.num_heads, self.head_size))
+            plan.scored = True
+        else:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
         if plan is not None:
             self._compress(plan, attn_metadata, query, key_cache, value_cache)
         return output
+
+    def _can_fuse(self, plan: StepPlan, n_tok: int) -> bool:
+        return (FUSED_DECODE and plan.weights is not None and n_tok == len(plan.num_new)
+                and bool((plan.num_new == 1).all()) and self.logits_soft_cap == 0 and self.alibi_slopes is None
+                and self.sliding_window == -1 and self.sinks is None and self.kv_cache_dtype == "auto"
+                and ops.impl_for("cpu") == "cpp")
+
+    def _ensure_acc(self, value_cache) -> None:
+        if self._acc is None:
+            nb, h, bs, _ = value_cache.shape
+            self._acc = torch.zeros(nb, h, bs, dtype=torch.float32)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         return None  # forward writes the cache (it knows the compacted slots)
@@ -160,11 +186,10 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
         if not self._layout_checked:
             ops.check_layout(key_cache, value_cache)
             type(self)._layout_checked = True
-        if self._acc is None and plan.policy.needs_attention:
-            nb, h, bs, _ = value_cache.shape
-            self._acc = torch.zeros(nb, h, bs, dtype=torch.float32)
+        if plan.policy.needs_attention:
+            self._ensure_acc(value_cache)
         layer = ops.paged_view(key_cache, value_cache, self._acc)
-        if plan.weights is not None:
+        if plan.weights is not None and not plan.scored:
             t = int(plan.query_start[-1])
             ops.window_scores(query[:t].view(t, self.num_heads, self.head_size), torch.from_numpy(plan.query_start),
                               layer.k_t, md.block_table, md.seq_lens, torch.from_numpy(plan.retained),
