@@ -139,7 +139,7 @@ def test_pages_return_after_finish_abort_and_preemption(h2o_llm, essay_prompts):
             preempted = len(sched.running)
             assert sched.reset_prefix_cache(reset_running_requests=True)
     assert preempted >= 1
-    assert sum(r.num_preemptions for r in sched.requests.values()) == 0  # all done, none left
+    assert not sched.requests  # every request (finished, aborted, preempted-then-resumed) released
     assert set(finished) >= {f"free-{i}" for i in (1, 2, 3, 5)}
     assert all(len(finished[f"free-{i}"].outputs[0].token_ids) == 40 for i in (1, 2, 3, 5))
     assert pool.get_num_free_blocks() == free0
