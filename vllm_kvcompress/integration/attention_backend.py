@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
+from vllm import _custom_ops as vllm_ops
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -134,19 +134,13 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
     _acc: torch.Tensor | None = None
     _layout_checked = False
 
-    def _paged(self, kv_cache: torch.Tensor, plan: StepPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
-        nb, h, bs, _ = kv_cache.size()
-        key_cache, value_cache = kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
-        return key_cache, value_cache
-
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         if attn_metadata is None:
             return output
         n_tok = attn_metadata.num_actual_tokens
-        key_cache, value_cache = self._paged(kv_cache, None)
-        from vllm import _custom_ops as vllm_ops
-
+        nb, h, bs, _ = kv_cache.size()
+        key_cache, value_cache = kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
         vllm_ops.cpu_attn_reshape_and_cache(key[:n_tok], value[:n_tok], key_cache, value_cache,
                                             attn_metadata.slot_mapping[:n_tok], layer.isa,
                                             k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
