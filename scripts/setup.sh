@@ -19,6 +19,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     python -m pip install --quiet --upgrade pip
     # torch==2.13.0+cpu comes from the local wheel pip finds through its find-links.
     python -m pip install --quiet -e '.[cpu,test]'
+    # a stale egg-info in the source tree would shadow the installed entry points
+    rm -rf vllm_kvcompress.egg-info
     # PyPI torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
     python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
     python scripts/fix_vllm_cli.py

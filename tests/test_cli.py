@@ -72,3 +72,33 @@ def test_bad_flags_fail_at_startup_in_one_line(argv, needle, model_dir):
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert needle in last, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--kv-policy", "h2o", "--kv-budget", "0"], "kv_compress.budget: must be > 0"),
+    (["--kv-policy", "h2o", "--kv-budget", "100", "--block-size", "128"], "below the page size"),
+    (["--kv-policy", "h2o", "--speculative-config",
+      '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}'], "speculative decoding"),
+    (["--kv-policy", "h2o", "--kv-transfer-config",
+      '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}'], "--kv-transfer-config"),
+])
+def test_unsupported_settings_refused_at_parse_time(parser, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        _engine_args(parser, argv)
+    msg = str(e.value.code)
+    assert needle in msg and "\n" not in msg, msg
+
+
+def test_prefix_caching_and_huge_budget_only_warn(capfd):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvcompress.assets import model_path
+
+    vllm_kvcompress.register()
+    cfg = EngineArgs(str(model_path()), enable_prefix_caching=True, max_model_len=1024,
+                     additional_config={"kv_compress": {"policy": "h2o", "budget": 2048}}).create_engine_config()
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert cfg.cache_config.enable_prefix_caching is False
+    assert "prefix caching turned off" in text
+    assert "nothing will be evicted" in text

@@ -226,3 +226,42 @@ def test_no_vllm_import():
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
             assert not any(n == "vllm" or n.startswith("vllm.") for n in names), f"{f.name} imports vllm"
+
+
+# ---------------------------------------------------------------- per-request kv_budget
+from vllm_kvcompress.config import request_budget  # noqa: E402
+
+
+@pytest.mark.parametrize("server,value,want", [
+    ({"policy": "pyramid", "budget": 512}, 256, 256),
+    ({"policy": "pyramid", "budget": 512}, 256.0, 256),
+    ({"policy": "pyramid", "budget": 512}, "128", 128),
+    ({"policy": "pyramid", "budget": 0.25}, 0.1, 0.1),
+    ({"policy": "pyramid", "budget": 0.25}, 4096, 4096),  # mixed units: the smaller applies per layer
+    ({"policy": "h2o", "budget": 1.0}, 300, 300),  # the server keeps all: any lower budget
+])
+def test_request_budget_accepts(server, value, want):
+    got = request_budget(KVCompressConfig.from_dict(server), value, block_size=32)
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("server,value,needle", [
+    ({"policy": "none"}, 256, "without KV compression"),
+    ({"policy": "pyramid", "budget": 512}, 1024, "above the server's budget"),
+    ({"policy": "pyramid", "budget": 0.25}, 0.5, "above the server's budget"),
+    ({"policy": "pyramid", "budget": 512}, 16, "below the page size"),
+    ({"policy": "pyramid", "budget": 512}, 40, "min_layer_budget"),
+    ({"policy": "pyramid", "budget": 512}, 100.5, "integer"),
+    ({"policy": "pyramid", "budget": 512}, 0, "> 0"),
+    ({"policy": "pyramid", "budget": 512}, -3, "> 0"),
+    ({"policy": "pyramid", "budget": 512}, 1, "keep everything"),
+    ({"policy": "pyramid", "budget": 512}, "lots", "must be a number"),
+    ({"policy": "pyramid", "budget": 512}, True, "must be a number"),
+    ({"policy": "pyramid", "budget": 512}, [1], "must be a number"),
+    ({"policy": "pyramid", "budget": 512}, float("nan"), "must be a number"),
+])
+def test_request_budget_refuses_in_one_line(server, value, needle):
+    with pytest.raises(ConfigError) as e:
+        request_budget(KVCompressConfig.from_dict(server), value, block_size=32)
+    msg = str(e.value)
+    assert msg.startswith("kv_budget: ") and needle in msg and "\n" not in msg, msg

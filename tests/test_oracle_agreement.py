@@ -99,3 +99,59 @@ def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypa
         assert exact >= 0.95 * pairs and differ <= 0.002 * total
     finally:
         close_llm(llm)
+
+
+def test_request_budget_matches_oracle_at_that_budget(model_dir, hf_model, prompt_ids):
+    """A request that lowers its own budget (SamplingParams.extra_args["kv_budget"])
+    holds the pages of the lower budget in every group (scheduler side) and
+    generates what the dense oracle generates at that budget (worker side):
+    both sides agree on the count."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.inputs import TokensPrompt
+
+    from vllm_kvcompress.policies import layer_budgets
+
+    server, low = {"policy": "pyramid", "budget": 512}, {"policy": "pyramid", "budget": 256}
+    low_cfg = KVCompressConfig.from_dict(low)
+    ids = prompt_ids[0]
+    want_tokens, _ = DenseOracle(low_cfg, model=hf_model).generate(ids, N_OUT, eos_token_id=None)
+    llm = make_llm(model_dir, server)
+    try:
+        eng = llm.llm_engine
+        sched = scheduler_of(llm)
+        managers = sched.kv_cache_manager.coordinator.single_type_managers
+        groups = sched.kv_cache_manager.kv_cache_config.kv_cache_groups
+        greedy = dict(temperature=0.0, max_tokens=N_OUT, ignore_eos=True)
+        eng.add_request("rb-low", TokensPrompt(prompt_token_ids=ids), SamplingParams(**greedy, extra_args={"kv_budget": 256}))
+        eng.add_request("rb-server", TokensPrompt(prompt_token_ids=ids), SamplingParams(**greedy))
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        first_layer = [extract_layer_index(g.layer_names[0]) for g in groups]
+        want_low = [layer_budgets(low_cfg, 30, len(ids))[f] for f in first_layer]
+        want_server = [layer_budgets(KVCompressConfig.from_dict(server), 30, len(ids))[f] for f in first_layer]
+        assert all(a < b for a, b in zip(want_low, want_server))
+        held = {}
+        outs = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    outs[o.request_id.split("-")[1]] = list(o.outputs[0].token_ids)
+            for req in sched.running:
+                if req.num_output_tokens != N_OUT // 2:
+                    continue
+                name = req.request_id.split("-")[1]
+                budgets = want_low if name == "low" else want_server
+                c = req.num_computed_tokens
+                assert [m.budget(len(ids), req.request_id) for m in managers] == budgets
+                held[name] = [sum(1 for b in m.req_to_blocks[req.request_id] if not b.is_null) for m in managers]
+                assert held[name] == [paging.live_blocks(c - 1, 1, b, m.interval, m.block_size)
+                                      for b, m in zip(budgets, managers)]
+        assert sum(held["low"]) < sum(held["server"])
+        print(f"pages per group at token {N_OUT // 2}: kv_budget 256 {held['low']}, server 512 {held['server']}")
+        assert outs["low"] == want_tokens[:N_OUT]
+        with pytest.raises(VLLMValidationError, match="kv_budget: 1024 is above the server's budget 512"):
+            llm.generate([TokensPrompt(prompt_token_ids=ids[:50])],
+                         SamplingParams(max_tokens=1, extra_args={"kv_budget": 1024}), use_tqdm=False)
+    finally:
+        close_llm(llm)

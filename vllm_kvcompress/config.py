@@ -34,6 +34,7 @@ __all__ = [
     "POOLING_NAMES",
     "DEFAULT_SCHEDULE",
     "DEFAULT_SINKS",
+    "request_budget",
 ]
 
 POLICY_NAMES: tuple[str, ...] = ("none", "h2o", "pyramid", "snapkv", "streaming")
@@ -310,3 +311,49 @@ def _as_int(name: str, v: Any, *, optional: bool) -> int | None:
             raise _err(name, f"must be an integer, got {v!r}")
         return int(v)
     return int(v)
+
+
+def request_budget(cfg: KVCompressConfig, value: Any, block_size: int | None = None) -> float | int:
+    """Validate a per-request ``kv_budget`` (``SamplingParams.extra_args``) against the server's config.
+
+    Same units as :attr:`KVCompressConfig.budget` (an integer > 1 is tokens, a
+    value in (0, 1) a fraction of the prompt). A request may only LOWER its
+    budget: a value above the server's budget in the same unit is refused (in
+    mixed units the smaller of the two applies per layer). Returns the value
+    normalised; raises :class:`ConfigError` with a one-line message starting
+    ``kv_budget:``.
+    """
+
+    def err(msg: str) -> ConfigError:
+        return ConfigError(f"kv_budget: {msg}")
+
+    if not cfg.enabled:
+        raise err("this server runs without KV compression (--kv-policy none), so a per-request budget has no effect")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise err(f"must be a number (tokens > 1 or a fraction in (0, 1)), got {value!r}") from None
+    if isinstance(value, bool) or not _is_number(value) or not math.isfinite(value):
+        raise err(f"must be a number (tokens > 1 or a fraction in (0, 1)), got {value!r}")
+    if value <= 0:
+        raise err(f"must be > 0 (tokens > 1 or a fraction in (0, 1)), got {value!r}")
+    if value >= 1:
+        if not float(value).is_integer():
+            raise err(f"a token budget must be an integer, got {value!r} (use a value in (0, 1) for a fraction)")
+        value = int(value)
+        if value == 1:
+            raise err("1 would keep everything; a request may only lower the server's budget")
+    server = cfg.budget
+    if not cfg.keeps_all:
+        same_unit = (value < 1) == cfg.budget_is_fraction
+        if same_unit and value > server:
+            raise err(f"{value!r} is above the server's budget {server!r}; a request may only lower it")
+    if isinstance(value, int):
+        if block_size is not None and value < block_size:
+            raise err(f"{value} tokens is below the page size ({block_size})")
+        try:
+            dataclasses.replace(cfg, budget=value)
+        except ConfigError as e:
+            raise err(str(e).split(": ", 1)[1]) from None
+    return value

@@ -69,13 +69,28 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def kv_usage(port: int) -> float:
-    """vLLM's own KV-cache usage gauge (fraction of the page pool in use)."""
+def read_metrics(port: int) -> dict[str, float]:
+    """The server's Prometheus samples: ``{'name{labels}': value}``."""
+    out = {}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith("vllm:kv_cache_usage_perc"):
-                return float(line.rsplit(" ", 1)[1])
-    raise RuntimeError("vllm:kv_cache_usage_perc not found in /metrics")
+            if line and not line.startswith("#"):
+                key, value = line.rsplit(" ", 1)
+                out[key] = float(value)
+    return out
+
+
+def metric(samples: dict[str, float], name: str) -> float:
+    """Sum of every sample of ``name`` (over its label sets)."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def kv_usage(port: int) -> float:
+    """vLLM's own KV-cache usage gauge (fraction of the page pool in use)."""
+    samples = read_metrics(port)
+    if not any(k.startswith("vllm:kv_cache_usage_perc") for k in samples):
+        raise RuntimeError("vllm:kv_cache_usage_perc not found in /metrics")
+    return metric(samples, "vllm:kv_cache_usage_perc")
 
 
 def show_savings(client, port: int) -> None:

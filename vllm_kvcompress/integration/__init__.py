@@ -12,6 +12,11 @@ module                 vLLM symbol it patches / registers
 ``model_runner``       ``GPUModelRunner._build_attention_metadata``
 ``attention_backend``  ``AttentionBackendEnum.CPU_ATTN`` / ``CUSTOM`` via
                        ``register_backend``
+``request_budget``     ``InputProcessor._validate_params``,
+                       ``Scheduler.add_request``, ``Scheduler._free_blocks``
+``metrics``            ``Scheduler.make_stats``, ``Scheduler.shutdown``; its
+                       ``KVCompressStatLogger`` is the ``vllm.stat_logger_plugins``
+                       entry point (Prometheus series on ``/metrics``)
 =====================  ==========================================================
 
 ``apply_all()`` is what the ``vllm.general_plugins`` entry point runs, in every
@@ -29,9 +34,11 @@ def apply_all() -> None:
         attention_backend,
         cli_args,
         kv_spec,
+        metrics,
         model_runner,
         platform_config,
+        request_budget,
     )
 
-    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend):
+    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, request_budget, metrics):
         mod.apply()

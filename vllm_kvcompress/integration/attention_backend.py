@@ -97,7 +97,9 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
         n = np.diff(qsl)
         seq = cm.seq_lens.cpu().numpy().astype(np.int64)
         c = seq - n
-        budget = np.fromiter((spec.budget(p) for p in prompt_lens), dtype=np.int64, count=len(prompt_lens))
+        rb = StepContext.request_budgets or [None] * len(prompt_lens)
+        budget = np.fromiter((spec.budget(p, b) for p, b in zip(prompt_lens, rb)), dtype=np.int64,
+                             count=len(prompt_lens))
         r = _retained(c, budget, self.interval)
         s = (c - r) // bs
         c2 = c + n

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from vllm_kvcompress.config import POLICY_NAMES, ConfigError, KVCompressConfig
+from vllm_kvcompress.integration import platform_config
 from vllm_kvcompress.integration.common import CONFIG_KEY, patch_method
 
 # flag -> config field
@@ -75,6 +76,12 @@ def apply() -> None:
             extra = dict(engine_args.additional_config or {})
             try:
                 cfg = config_from_args(args, extra.get(CONFIG_KEY))
+                if cfg is not None:  # what cannot run with eviction: refuse now, in one line
+                    platform_config.refuse(KVCompressConfig.from_dict(cfg),
+                                           speculative=engine_args.speculative_config is not None,
+                                           kv_transfer=engine_args.kv_transfer_config is not None,
+                                           disable_hma=bool(engine_args.disable_hybrid_kv_cache_manager),
+                                           block_size=engine_args.block_size)
             except ConfigError as e:
                 sys.exit(f"vllm: error: {e}")
             if cfg is not None:

@@ -16,6 +16,11 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_kvcompress import paging
+from vllm_kvcompress.policies.schedule import retained_count
+
+#: request id -> the request's own ``kv_budget`` (filled by ``integration.request_budget``
+#: when the scheduler admits a request, dropped when it is freed for good)
+REQUEST_BUDGETS: dict[str, float | int] = {}
 
 
 class CompressedKVCacheManager(FullAttentionManager):
@@ -23,21 +28,41 @@ class CompressedKVCacheManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         cfg = kv_cache_spec.compress_config
         self.interval = cfg.compress_interval
+        self.num_layers = kv_cache_spec.num_layers_in_stage
         vc = get_current_vllm_config_or_none()
         self.max_chunk = vc.scheduler_config.max_num_batched_tokens if vc is not None else 1 << 20
+        # metrics (integration.metrics reads them): per running request (computed, retained)
+        # tokens per layer, and running totals of evicted layer-tokens and freed pages
+        self.req_tokens: dict[str, tuple[int, int]] = {}
+        self.evicted_tokens = 0
+        self.freed_blocks = 0
 
-    def budget(self, prompt_len: int) -> int:
-        return self.kv_cache_spec.budget(prompt_len)
+    def budget(self, prompt_len: int, request_id: str | None = None) -> int:
+        return self.kv_cache_spec.budget(prompt_len, REQUEST_BUDGETS.get(request_id))
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         if num_prompt_tokens is None or request_id not in self.req_to_blocks:
             return
-        start = paging.window_start(processed_computed_tokens, self.budget(num_prompt_tokens),
-                                    self.interval, self.block_size)
+        c = processed_computed_tokens
+        budget = self.budget(num_prompt_tokens, request_id)
+        kept = retained_count(c, budget, self.interval)
+        prev_c, prev_kept = self.req_tokens.get(request_id, (0, 0))
+        self.evicted_tokens += max((c - kept) - (prev_c - prev_kept), 0) * self.num_layers
+        self.req_tokens[request_id] = (c, kept)
+        start = (c - kept) // self.block_size  # == paging.window_start(c, budget, interval, block_size)
         if start > 0:
             blocks = self.req_to_blocks[request_id]
-            self._remove_blocks_in_range(request_id, 0, min(start, len(blocks)))
+            end = min(start, len(blocks))
+            i = end - 1
+            while i >= 0 and blocks[i] is not self._null_block:  # what the removal below frees
+                i -= 1
+            self.freed_blocks += end - 1 - i
+            self._remove_blocks_in_range(request_id, 0, end)
+
+    def free(self, request_id: str) -> None:
+        self.req_tokens.pop(request_id, None)
+        super().free(request_id)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model,
@@ -45,7 +70,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         if apply_admission_cap and prefill_end > 0:
             # Admission gate: the most pages a request of this group ever holds
             # (budget + compaction slack + one chunk + a partly used front page).
-            budget = self.budget(prefill_end)
+            budget = self.budget(prefill_end, request_id)
             cap = cdiv(budget + self.interval - 1 + self.max_chunk, self.block_size) + 1
             num_tokens = min(num_tokens, cap * self.block_size)
         return super().get_num_blocks_to_allocate(

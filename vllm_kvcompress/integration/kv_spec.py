@@ -45,9 +45,15 @@ class CompressedAttentionSpec(FullAttentionSpec):
     def compress_config(self) -> KVCompressConfig:
         return _config_from_json(self.kv_config)
 
-    def budget(self, prompt_len: int) -> int:
-        """This stage's retained-token budget for a request with ``prompt_len`` prompt tokens."""
-        return _stage_budget(self.kv_config, self.kv_num_layers, self.kv_first_layer, int(prompt_len))
+    def budget(self, prompt_len: int, request_budget: float | int | None = None) -> int:
+        """This stage's retained-token budget for a request with ``prompt_len`` prompt tokens
+        (and, if it asked for one, its own lower ``kv_budget``)."""
+        return _stage_budget(self.kv_config, self.kv_num_layers, self.kv_first_layer, int(prompt_len),
+                             request_budget)
+
+    @property
+    def num_layers_in_stage(self) -> int:
+        return len(stages_for(self.compress_config, self.kv_num_layers)[self.kv_stage])
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,8 +62,17 @@ def _config_from_json(s: str) -> KVCompressConfig:
 
 
 @functools.lru_cache(maxsize=65536)
-def _stage_budget(cfg_json: str, num_layers: int, layer: int, prompt_len: int) -> int:
-    return layer_budgets(_config_from_json(cfg_json), num_layers, prompt_len)[layer]
+def _stage_budget(cfg_json: str, num_layers: int, layer: int, prompt_len: int,
+                  request_budget: float | int | None = None) -> int:
+    cfg = _config_from_json(cfg_json)
+    b = layer_budgets(cfg, num_layers, prompt_len)[layer]
+    if request_budget is not None:
+        try:  # validated by the frontend (integration.request_budget); a bad value changes nothing
+            lower = dataclasses.replace(cfg, budget=request_budget)
+        except ValueError:
+            return b
+        b = min(b, layer_budgets(lower, num_layers, prompt_len)[layer])
+    return b
 
 
 def stages_for(cfg: KVCompressConfig, num_layers: int) -> list[list[int]]:

@@ -16,6 +16,33 @@ from vllm_kvcompress.integration.common import kv_config_of, logger, patch_metho
 DEFAULT_BLOCK_SIZE = 32
 
 
+def refuse(cfg, *, speculative: bool, kv_transfer: bool, disable_hma: bool, block_size: int | None) -> None:
+    """Raise a one-line :class:`ConfigError` for a setting that cannot run with eviction.
+
+    Called by :func:`adjust` (every engine) and, earlier, by ``cli_args`` on the
+    parsed flags so that ``vllm serve`` exits with that one line."""
+    from vllm.platforms import current_platform
+
+    if not cfg.enabled:
+        return
+    if not current_platform.is_cpu():
+        raise ConfigError("kv_compress.policy: this release compresses on vLLM's CPU backend only; the CUDA "
+                          "attention backend is not implemented yet (use --kv-policy none on GPUs)")
+    if speculative:
+        raise ConfigError("kv_compress.policy: speculative decoding cannot run with KV eviction; "
+                          "drop --speculative-config or use --kv-policy none")
+    if kv_transfer:
+        raise ConfigError("kv_compress.policy: KV connectors (--kv-transfer-config) cannot run with KV eviction; "
+                          "drop --kv-transfer-config or use --kv-policy none")
+    if disable_hma:
+        raise ConfigError("kv_compress.policy: needs vLLM's hybrid KV-cache manager; "
+                          "drop --disable-hybrid-kv-cache-manager or use --kv-policy none")
+    bs = block_size or DEFAULT_BLOCK_SIZE
+    if not cfg.keeps_all and not cfg.budget_is_fraction and cfg.budget < bs:
+        raise ConfigError(f"kv_compress.budget: {cfg.budget} tokens is below the page size (--block-size {bs}); "
+                          f"use a budget >= {bs} or a smaller --block-size")
+
+
 def adjust(vllm_config) -> None:
     cfg = kv_config_of(vllm_config)  # raises ConfigError on bad input
     if not cfg.enabled:
@@ -23,19 +50,15 @@ def adjust(vllm_config) -> None:
     cache = vllm_config.cache_config
     sched = vllm_config.scheduler_config
     model = vllm_config.model_config
-    if vllm_config.speculative_config is not None:
-        raise ConfigError("kv_compress.policy: speculative decoding cannot run with KV eviction; "
-                          "drop --speculative-config or use --kv-policy none")
-    if vllm_config.kv_transfer_config is not None:
-        raise ConfigError("kv_compress.policy: KV connectors (--kv-transfer-config) cannot run with KV eviction; "
-                          "drop --kv-transfer-config or use --kv-policy none")
-    if sched.disable_hybrid_kv_cache_manager:
-        raise ConfigError("kv_compress.policy: needs vLLM's hybrid KV-cache manager; "
-                          "drop --disable-hybrid-kv-cache-manager or use --kv-policy none")
+    user_bs = getattr(cache, "user_specified_block_size", False)
+    refuse(cfg, speculative=vllm_config.speculative_config is not None,
+           kv_transfer=vllm_config.kv_transfer_config is not None,
+           disable_hma=bool(sched.disable_hybrid_kv_cache_manager),
+           block_size=cache.block_size if user_bs else None)
     if cache.enable_prefix_caching:
         logger.warning("vllm-kvcompress: prefix caching turned off (compressed layers cannot share pages)")
         cache.enable_prefix_caching = False
-    if not getattr(cache, "user_specified_block_size", False):
+    if not user_bs:
         cache.block_size = DEFAULT_BLOCK_SIZE
     if model is not None:
         model.disable_cascade_attn = True
