@@ -222,19 +222,55 @@ def test_streaming_matches_vllm_sliding_window(model_dir):
 
 
 # ---------------------------------------------------------------- 8. tensor parallel
-def test_tensor_parallel_matches_single_rank(model_dir, essay_prompts, monkeypatch):
-    """SmolLM2 has 9 query / 3 KV heads, so vLLM accepts TP=3, not TP=2 (9 % 2 != 0).
-    Each rank scores and evicts its own KV head; the retained counts (hence the
-    freed pages) are the same on every rank by construction."""
+def _even_heads_model(src, dst):
+    """The embedded SmolLM2 (9 query / 3 KV heads, which TP=2 cannot split) cut to
+    6 query / 2 KV heads: KV heads 0-1 and the query heads that read them (GQA
+    groups of 3). Real weights, so the text stays text-like; written locally."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    hd = cfg["head_dim"]
+    q_per_kv = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    nkv = 2
+    nq = nkv * q_per_kv
+    w = load_file(str(src / "model.safetensors"))
+    for k in list(w):
+        if k.endswith("q_proj.weight"):
+            w[k] = w[k][: nq * hd].contiguous()
+        elif k.endswith(("k_proj.weight", "v_proj.weight")):
+            w[k] = w[k][: nkv * hd].contiguous()
+        elif k.endswith("o_proj.weight"):
+            w[k] = w[k][:, : nq * hd].contiguous()
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg.update(num_attention_heads=nq, num_key_value_heads=nkv)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors") and f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_tensor_parallel_2_matches_single_rank(model_dir, essay_prompts, monkeypatch, tmp_path):
+    """TP=2 (mp executor, one rank per core) gives the same tokens as TP=1 under
+    eviction. Each rank scores and evicts its own KV head; the retained counts
+    (hence the freed pages) are the same on every rank by construction."""
+    from pathlib import Path
+
+    model = str(_even_heads_model(Path(model_dir), tmp_path / "smollm2-6q2kv"))
     kv = {"policy": "h2o", "budget": 128}
     gen = greedy(32)
-    llm = make_llm(model_dir, kv)
+    llm = make_llm(model, kv)
     try:
         tp1 = tokens(llm.generate(essay_prompts["short"], gen))
+        evicted = sum(m.evicted_tokens for m in scheduler_of(llm).kv_cache_manager.coordinator.single_type_managers)
     finally:
         close_llm(llm)
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")
-    llm = make_llm(model_dir, kv, tensor_parallel_size=3, distributed_executor_backend="mp")
+    assert evicted > 3 * 400 * 30  # ~600-token prompts, budget 128: most of each prompt was evicted
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    llm = make_llm(model, kv, tensor_parallel_size=2, distributed_executor_backend="mp")
     try:
         tp2 = tokens(llm.generate(essay_prompts["short"], gen))
     finally:
