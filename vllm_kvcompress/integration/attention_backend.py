@@ -122,9 +122,13 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
                                      max_seq_len=int((r + n).max()))
         md = super().build(common_prefix_len, cm, fast_build)
         weights = None
-        if self.policy.needs_attention:
+        max_lens = StepContext.max_lens
+        # a request that can never hold more than its budget never evicts: it needs no scores
+        needs = np.ones(len(n), dtype=bool) if max_lens is None else max_lens > budget
+        if self.policy.needs_attention and needs.any():
             weights = torch.cat([self.policy.query_weights(int(c[i]), int(n[i]), int(c2[i]),
-                                                           bool(c[i] < prompt_lens[i])) for i in range(len(n))])
+                                                           bool(c[i] < prompt_lens[i])) if needs[i]
+                                 else torch.zeros(int(n[i]), dtype=torch.float32) for i in range(len(n))])
         md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n, prompt_lens=prompt_lens,
                           budget=budget, retained=r, start=s, retained_after=r2, start_after=s2, weights=weights,
                           block_size=bs,
@@ -150,12 +154,14 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
         plan = getattr(attn_metadata, "kvc", None)
         if plan is not None and self._can_fuse(plan, n_tok):
             # pure decode step: attention and the score update in one pass over the window
-            self._ensure_acc(value_cache)
+            if plan.weights is not None:
+                self._ensure_acc(value_cache)
             r = n_tok
             ops.decode_attention_scores(query[:r].view(r, self.num_heads, self.head_size),
                                         key_cache.view(*value_cache.shape[:2], self.head_size, -1), value_cache,
-                                        attn_metadata.block_table, attn_metadata.seq_lens, self.scale, self._acc,
-                                        plan.weights, out=output[:r].view(r, self.num_heads, self.head_size))
+                                        attn_metadata.block_table, attn_metadata.seq_lens, self.scale,
+                                        self._acc if plan.weights is not None else None, plan.weights,
+                                        out=output[:r].view(r, self.num_heads, self.head_size))
             plan.scored = True
         else:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
@@ -165,7 +171,7 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
         return output
 
     def _can_fuse(self, plan: StepPlan, n_tok: int) -> bool:
-        return (FUSED_DECODE and plan.weights is not None and n_tok == len(plan.num_new)
+        return (FUSED_DECODE and n_tok == len(plan.num_new)
                 and bool((plan.num_new == 1).all()) and self.logits_soft_cap == 0 and self.alibi_slopes is None
                 and self.sliding_window == -1 and self.sinks is None and self.kv_cache_dtype == "auto"
                 and ops.impl_for("cpu") == "cpp")

@@ -3,9 +3,10 @@
 
 The attention-metadata builders of compressed groups need each scheduled
 request's prompt length (fraction budgets are a fraction of the prompt) and
-its own ``kv_budget`` if it asked for one (``request_budget``). vLLM's
-``CommonAttentionMetadata`` carries neither, so this wrapper records them, in
-batch order, just before the builders run. Dummy/profiling runs (no real
+its own ``kv_budget`` if it asked for one (``request_budget``), and the most
+tokens it can ever hold (a request that can never outgrow its budget needs no
+scores). vLLM's ``CommonAttentionMetadata`` carries none of these, so this
+wrapper records them, in batch order, just before the builders run. Dummy/profiling runs (no real
 requests in the batch) record nothing, and the builders then pass through.
 """
 
@@ -23,19 +24,27 @@ class StepContext:
     prompt_lens: np.ndarray | None = None
     #: per request in batch order: its kv_budget, or None (the server's budget)
     request_budgets: list | None = None
+    #: per request in batch order: the most tokens it can ever hold (prompt + max_tokens)
+    max_lens: np.ndarray | None = None
 
 
-def _request_budgets(runner, num_reqs: int) -> list | None:
-    out = None
+def _request_info(runner, num_reqs: int, prompt_lens: np.ndarray) -> tuple[list | None, np.ndarray]:
+    budgets = None
+    max_new = np.full(num_reqs, 1 << 40, dtype=np.int64)
     requests = runner.requests
     for i, rid in enumerate(runner.input_batch.req_ids[:num_reqs]):
         state = requests.get(rid)
-        value = requested(state.sampling_params) if state is not None else None
+        params = state.sampling_params if state is not None else None
+        if params is None:
+            continue
+        if params.max_tokens is not None:
+            max_new[i] = params.max_tokens
+        value = requested(params)
         if value is not None:
-            if out is None:
-                out = [None] * num_reqs
-            out[i] = value
-    return out
+            if budgets is None:
+                budgets = [None] * num_reqs
+            budgets[i] = value
+    return budgets, prompt_lens + max_new
 
 
 def apply() -> None:
@@ -46,14 +55,15 @@ def apply() -> None:
             batch = self.input_batch
             if batch.num_reqs >= num_reqs > 0:
                 StepContext.prompt_lens = batch.num_prompt_tokens[:num_reqs].astype(np.int64)
-                StepContext.request_budgets = _request_budgets(self, num_reqs)
+                StepContext.request_budgets, StepContext.max_lens = _request_info(
+                    self, num_reqs, StepContext.prompt_lens)
             else:
                 StepContext.prompt_lens = None
             try:
                 return original(self, num_tokens, num_reqs, *args, **kwargs)
             finally:
                 StepContext.prompt_lens = None
-                StepContext.request_budgets = None
+                StepContext.request_budgets = StepContext.max_lens = None
         return _build_attention_metadata
 
     patch_method(GPUModelRunner, "_build_attention_metadata", wrap)
