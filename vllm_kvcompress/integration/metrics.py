@@ -23,7 +23,7 @@ them before vLLM's loggers read the mapping (plugin loggers run first).
 
 For benchmarks that run without stats logging (``vllm bench throughput``), set
 ``VLLM_KVCOMPRESS_STATS_FILE=/path.json``: the engine core then rewrites that
-file every 50 steps and at shutdown with peak/mean running requests, KV pages
+file every 50 steps, whenever the engine drains and at shutdown with peak/mean running requests, KV pages
 per running request and the eviction totals.
 """
 
@@ -58,6 +58,7 @@ class _Tracker:
         self.peak_pages = 0
         self.sent_evicted = 0
         self.sent_freed = 0
+        self.written_at = -1
         self.started = time.time()
 
     def step(self, scheduler) -> None:
@@ -135,8 +136,10 @@ def apply() -> None:
             stats = original(self, *args, **kwargs)
             t = _tracker(self)
             t.step(self)
-            if t.steps and t.steps % _WRITE_EVERY == 0:
-                t.write(self)
+            idle = not self.running and not self.waiting
+            if t.steps and (t.steps % _WRITE_EVERY == 0 or (idle and t.steps != t.written_at)):
+                t.write(self)  # also whenever the engine drains: shutdown may never reach Scheduler.shutdown
+                t.written_at = t.steps
             if stats is not None:
                 stats.num_kv_fetch_reqs_by_stage.update(t.payload(self))
             return stats
