@@ -1,0 +1,216 @@
+"""The quality harness (``python -m vllm_kvcompress.eval quality``) without an engine:
+prompt builders, scoring, summaries, targets and the JSON / Markdown / PNG writers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vllm_kvcompress.eval import quality as q
+
+
+@pytest.fixture(scope="module")
+def hay():
+    from transformers import AutoTokenizer
+
+    from vllm_kvcompress.assets import essays_text, model_path
+
+    tok = AutoTokenizer.from_pretrained(str(model_path()))
+    return q.Haystack(tok, essays_text()[:150_000])  # ~35K tokens: enough, and fast to tokenize
+
+
+def _depth(item) -> float:
+    return (item["needle_pos"] - item["hay_start"]) / item["hay_tokens"]
+
+
+def test_depth_grid():
+    assert q.depth_grid(10)[0] == 0.0 and q.depth_grid(10)[-1] == 1.0 and len(q.depth_grid(10)) == 10
+    assert q.depth_grid(3) == [0.0, 0.5, 1.0]
+    assert q.depth_grid(1) == [0.5]
+
+
+@pytest.mark.parametrize("length", [1024, 2048, 4096])
+def test_passkey_prompts_length_and_depth(hay, length):
+    depths = q.depth_grid(5)
+    items = q.passkey_prompts(hay, [length], depths)
+    assert [it["depth"] for it in items] == depths
+    keys = set()
+    for it in items:
+        assert abs(len(it["ids"]) - length) <= 0.02 * length, (len(it["ids"]), length)
+        assert abs(_depth(it) - it["depth"]) <= 0.07, (_depth(it), it["depth"])
+        # the needle starts exactly at needle_pos and carries the key
+        needle = hay.decode(it["ids"][it["needle_pos"]:it["needle_pos"] + 24])
+        assert needle.lstrip().startswith(f"The pass key is {it['answer']}."), needle
+        assert len(it["answer"]) == 5 and it["answer"].isdigit()
+        text = hay.decode(it["ids"])
+        assert text.startswith(q.PASSKEY_PREFIX) and text.endswith(q.PASSKEY_QUESTION)
+        assert text.count(it["answer"]) == 3  # only in the needle, which states it three times
+        keys.add(it["answer"])
+    assert len(keys) == len(items)
+    assert items[0]["needle_pos"] == items[0]["hay_start"]  # depth 0: right after the instruction
+    last = hay.decode(items[-1]["ids"])  # depth 1: right before the question
+    assert last.endswith(q.PASSKEY_NEEDLE.format(key=items[-1]["answer"]) + q.PASSKEY_QUESTION)
+
+
+def test_prompts_are_deterministic(hay):
+    a = q.passkey_prompts(hay, [1024], [0.3])
+    b = q.passkey_prompts(hay, [1024], [0.3])
+    assert a[0]["ids"] == b[0]["ids"] and a[0]["answer"] == b[0]["answer"]
+
+
+def test_multikey_prompts(hay):
+    items = q.multikey_prompts(hay, [1024, 2048], q.depth_grid(3))
+    assert len(items) == 6
+    for it in items:
+        assert abs(len(it["ids"]) - it["length"]) <= 0.02 * it["length"]
+        assert abs(_depth(it) - it["depth"]) <= 0.07
+        text = hay.decode(it["ids"])
+        assert text.endswith(q.MULTIKEY_QUESTION.format(word=it["word"]))
+        values = [it["answer"], *it["distractors"].values()]
+        assert len(set(values)) == q.MULTIKEY_NUM_KEYS and it["word"] not in it["distractors"]
+        for w, v in [(it["word"], it["answer"]), *it["distractors"].items()]:
+            assert text.count(q.MULTIKEY_NEEDLE.format(word=w, value=v).strip()) == 1
+        needle = hay.decode(it["ids"][it["needle_pos"]:it["needle_pos"] + 20]).lstrip()
+        assert needle.startswith(q.MULTIKEY_NEEDLE.format(word=it["word"], value=it["answer"]).strip())
+
+
+def test_ppl_windows(hay):
+    wins = q.ppl_windows(hay, 4, 4096)
+    assert len(wins) == 4 and all(len(w["ids"]) == 4096 for w in wins)
+    offs = [w["offset"] for w in wins]
+    assert all(b - a >= 4096 for a, b in zip(offs, offs[1:]))  # distinct, non-overlapping
+    assert wins[1]["ids"] == hay.ids[offs[1]:offs[1] + 4096]
+    with pytest.raises(ValueError):
+        q.ppl_windows(hay, 100, 4096)
+
+
+def test_scoring():
+    assert q.score_passkey(" 12345. Remember", "12345")
+    assert not q.score_passkey(" 1234 5", "12345")
+    assert not q.score_passkey(" a password that", "12345")
+    assert q.score_multikey(" 123456.\n", "123456")
+    assert not q.score_multikey(" 1234567", "123456")
+    assert not q.score_multikey(" 654321, not 123456", "123456")  # a distractor first is wrong
+    assert not q.score_multikey(" unknown", "123456")
+    assert q.perplexity(0.0, 10) == 1.0
+    assert q.perplexity(10 * math.log(2.0), 10) == pytest.approx(2.0)
+
+
+def test_summaries():
+    items = [dict(length=1024, depth=0.0, correct=True), dict(length=1024, depth=1.0, correct=False),
+             dict(length=2048, depth=0.0, correct=True), dict(length=2048, depth=1.0, correct=True)]
+    s = q.summarize(items)
+    assert s["acc"] == 0.75 and s["by_length"] == {"1024": 0.5, "2048": 1.0}
+    assert s["by_depth"] == {"0.0": 1.0, "1.0": 0.5} and s["n"] == 4
+    wins = [dict(nll_sum=4.0, count=4, tail_nll_sum=2.0, tail_count=2),
+            dict(nll_sum=0.0, count=4, tail_nll_sum=0.0, tail_count=2)]
+    p = q.summarize_ppl(wins, 2)
+    assert p["ppl"] == pytest.approx(math.exp(0.5)) and p["ppl_tail"] == pytest.approx(math.exp(0.5))
+    assert p["per_window"] == pytest.approx([math.e, 1.0])
+
+
+def _fake_run(policy, retention, acc, ppl):
+    lengths = ("1024", "2048", "4096")
+    task = dict(acc=acc, by_length={n: acc for n in lengths}, by_depth={"0.0": acc, "1.0": acc}, n=6, items=[])
+    return dict(policy=policy, retention=retention, passkey=task, multikey=dict(task),
+                ppl=dict(ppl=ppl, ppl_tail=ppl * 1.1, tail_from=2048, tokens=4095, per_window=[ppl]),
+                seconds=dict(total=1.0))
+
+
+def _fake_result():
+    runs = [_fake_run("full", 1.0, 1.0, 20.0)]
+    for p, vals in {"h2o": [(0.5, 1.0, 20.1), (0.25, 1.0, 20.5), (0.125, 0.9, 21.0)],
+                    "streaming": [(0.5, 0.6, 20.2), (0.25, 0.4, 21.0), (0.125, 0.2, 23.0)]}.items():
+        runs += [_fake_run(p, r, a, x) for r, a, x in vals]
+    meta = dict(command="python -m vllm_kvcompress.eval quality --policies h2o,streaming", date="2026-01-01 00:00",
+                machine="2 CPU cores", model="SmolLM2-135M-Instruct", seed=0, runtime_s=60.0,
+                policies=["h2o", "streaming"], retentions=[0.5, 0.25, 0.125], lengths=[1024, 2048, 4096],
+                passkey_depths=[0.0, 1.0], multikey_depths=[0.5], setup=["fake"], notes=["a note"])
+    return dict(meta=meta, runs=runs)
+
+
+def test_targets():
+    t = {x["target"].split(":")[0]: x for x in q.check_targets(_fake_result())}
+    assert t["full cache passkey at 1K >= 95%"]["ok"] and t["full cache passkey at 2K >= 95%"]["ok"]
+    assert t["h2o 25%"]["ok"] and t["h2o 12.5%"]["ok"]  # 100% == full; 90% >= 0.9 * 100%
+    assert not t["streaming 25%"]["ok"] and not t["streaming 12.5%"]["ok"]
+    ppl = [x for x in q.check_targets(_fake_result()) if "perplexity" in x["target"]]
+    assert [x["ok"] for x in ppl] == [True, False]  # +2.5% passes, +5% fails
+
+
+def test_writers(tmp_path):
+    paths = q.write_outputs(_fake_result(), tmp_path)
+    names = sorted(p.name for p in paths)
+    assert names == ["quality.json", "quality.md", "quality_multikey.png", "quality_passkey.png", "quality_ppl.png"]
+    for p in paths:
+        assert p.stat().st_size > 0
+    assert (tmp_path / "quality_passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "quality.md").read_text()
+    assert "python -m vllm_kvcompress.eval quality --policies h2o,streaming" in md
+    assert "| h2o 0.25 | 100% | 100% | 20.500 (+2.5%)" in md
+    assert "## Targets" in md and "**no**" in md and "1024 tok" in md and "a note" in md
+    assert "![quality_ppl](quality_ppl.png)" in md
+    assert json.loads((tmp_path / "quality.json").read_text())["runs"][0]["policy"] == "full"
+
+
+def test_cli_parsing(capsys):
+    a = q.parse_args([])
+    assert a.policies == q.POLICIES and a.retentions == q.RETENTIONS and a.lengths == q.LENGTHS
+    assert a.depths == 10 and a.ppl_windows == 4 and str(a.out_dir) == "docs/results"
+    a = q.parse_args(["--quick", "--policies", "h2o"])
+    assert a.policies == ("h2o",) and a.retentions == (0.25,) and a.lengths == (1024,) and a.out_dir == q.QUICK_OUT_DIR
+    with pytest.raises(SystemExit):
+        q.parse_args(["--policies", "nope"])
+    with pytest.raises(SystemExit):
+        q.parse_args(["--retentions", "1.5"])
+    assert q.engine_kwargs("full", 1.0, "ppl")["max_num_batched_tokens"] == q.PAGE
+    assert "additional_config" not in q.engine_kwargs("full", 1.0, "retrieval")
+    kw = q.engine_kwargs("h2o", 0.25, "retrieval")
+    assert kw["additional_config"] == {"kv_compress": {"policy": "h2o", "budget": 0.25}}
+    assert kw["block_size"] == q.PAGE and kw["max_num_batched_tokens"] >= 4096 + q.MULTIKEY_MAX_TOKENS
+
+    from vllm_kvcompress.eval.__main__ import main
+
+    assert main(["--help"]) == 0 and "quality" in capsys.readouterr().out
+    assert main(["nope"]) == 2
+
+
+def test_mid_depth_grid():
+    assert q.mid_depth_grid(2) == [0.25, 0.75] and q.mid_depth_grid(1) == [0.5]
+
+
+def test_orchestration_with_a_fake_worker(tmp_path, monkeypatch):
+    """main() end to end, the engine subprocess replaced by a fake; --resume skips finished configurations."""
+    calls = []
+
+    def fake_worker(job, verbose=False, timeout=0.0):
+        calls.append((job["tag"], job["engine"].get("additional_config"), job["engine"]["max_num_batched_tokens"]))
+        out = {"seconds": {"start": 0.1}}
+        for task in ("passkey", "multikey"):
+            if job.get(task):
+                out[task] = [" 0."] * len(job[task])
+        if job.get("ppl"):
+            n = len(job["ppl"][0]["ids"]) - 1
+            out["ppl"] = [dict(nll_sum=2.0 * n, count=n, tail_nll_sum=1.0, tail_count=1) for _ in job["ppl"]]
+        return out
+
+    monkeypatch.setattr(q, "run_in_subprocess", fake_worker)
+    argv = ["--policies", "streaming", "--retentions", "0.25", "--lengths", "1024", "--depths", "2",
+            "--multikey-depths", "1", "--ppl-windows", "1", "--ppl-len", "512", "--out-dir", str(tmp_path)]
+    assert q.main(argv) == 0
+    assert [c[0] for c in calls] == ["full cache", "full cache", "streaming 0.25", "streaming 0.25"]
+    assert calls[2][1] == {"kv_compress": {"policy": "streaming", "budget": 0.25}} and calls[3][2] == q.PAGE
+    res = json.loads((tmp_path / "quality.json").read_text())
+    assert res["meta"]["complete"] and res["meta"]["command"].endswith(" ".join(argv))
+    assert [(r["policy"], r["passkey"]["acc"], r["ppl"]["ppl"]) for r in res["runs"]] == \
+        [("full", 0.0, pytest.approx(math.e ** 2)), ("streaming", 0.0, pytest.approx(math.e ** 2))]
+    assert (tmp_path / "quality.md").exists() and (tmp_path / "quality_ppl.png").exists()
+    calls.clear()
+    assert q.main(argv + ["--resume", "--retentions", "0.25,0.5"]) == 0
+    assert [c[0] for c in calls] == ["streaming 0.5", "streaming 0.5"]  # the rest was reused
+    res = json.loads((tmp_path / "quality.json").read_text())
+    assert [(r["policy"], r["retention"]) for r in res["runs"]] == [("full", 1.0), ("streaming", 0.25),
+                                                                     ("streaming", 0.5)]
+    assert "--resume" not in res["meta"]["command"] and res["meta"]["command"].endswith("--retentions 0.25,0.5")
