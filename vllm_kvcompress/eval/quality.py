@@ -546,7 +546,8 @@ def write_markdown(result: dict, path: Path, plots: Sequence[str] = ()) -> Path:
             if "passkey" in r:
                 lines.append(f"| {label(r['policy'], r['retention'])} | "
                              + " | ".join(_pct(r["passkey"]["by_depth"].get(d)) for d in depths) + " |")
-    lines += ["", "## Setup", ""] + [f"- {s}" for s in meta["setup"]]
+    # a setup line is one bullet: literal newlines (from the prompt strings) are shown as \\n
+    lines += ["", "## Setup", ""] + [f"- {s}".replace("\n", "\\n") for s in meta["setup"]]
     notes = meta.get("notes")
     if notes:  # Markdown text (from --notes FILE), or a list of bullet points
         lines += ["", "## Notes", ""] + ([notes] if isinstance(notes, str) else [f"- {s}" for s in notes])
@@ -579,11 +580,13 @@ def write_plots(result: dict, out_dir: Path, prefix: str = "quality") -> list[Pa
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
         xs_all = set()
-        for p in policies:
+        for i, p in enumerate(policies):
             pts = sorted((r["retention"], get(r)) for r in result["runs"] if r["policy"] == p and task in r)
             if pts:
                 xs_all.update(x for x, _ in pts)
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+                # distinct markers and sizes: lines that coincide (e.g. all at 100%) stay visible
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="osD^v<>"[i % 7], markersize=9 - 1.5 * (i % 4),
+                        linewidth=1.6, alpha=0.85, label=p)
         if full is not None and task in full:
             ax.axhline(get(full), color="black", linestyle="--", linewidth=1.2, label="full cache")
         ax.set_xscale("log", base=2)
@@ -788,7 +791,7 @@ def setup_notes(args) -> list[str]:
         "Retrieval prompts are prefilled in one step (chunked prefill off, `max_num_batched_tokens` = "
         f"{MAX_MODEL_LEN}): every layer scores the whole prompt, question included, then compacts to its budget; "
         "the first new token (a space) comes from that full prefill, every digit is decoded from the compressed cache.",
-        f"**perplexity**: {args.ppl_windows} non-overlapping {args.ppl_len}-token windows of essay text (one per "
+        f"**perplexity**: {args.ppl_windows} non-overlapping {args.ppl_len}-token window(s) of essay text (one per "
         f"equal segment of the essays, random offset), `prompt_logprobs` with chunked prefill of {PAGE} tokens "
         f"(`max_num_batched_tokens={PAGE}`, page size {PAGE}), so every chunk attends to the cache as evicted after "
         "the previous chunks. Pooled over windows (mean NLL of all predicted tokens, then exp); \"2nd half\" counts "
