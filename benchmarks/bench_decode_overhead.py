@@ -2,15 +2,19 @@
 ``vllm bench throughput`` (offline, random prompts).
 
 Runs vanilla vLLM (plugin installed, no policy) and each policy with a budget
-that covers every request (so every scoring pass runs but nothing is evicted),
-same engine settings, and prints output tokens/s and the ratio to vanilla.
+whose every layer covers prompt + output (``bench_throughput.nothing_evicted_budget``:
+for pyramid the mean budget must be ~2.4x larger, since its deepest layers get the
+least), same engine settings, and prints output tokens/s, the ratio to vanilla and
+the evicted layer-tokens the engine reported (0 = nothing evicted). Such requests
+skip scoring, so this measures what compression being on costs: the per-stage
+KV-cache groups, the plugin's metadata and its attention path.
 
     python benchmarks/bench_decode_overhead.py [--policies h2o,pyramid] [--input-len 512]
-        [--output-len 256] [--num-prompts 16] [--block-size N]
+        [--output-len 256] [--num-prompts 16] [--block-size 32]
 
-``--block-size`` is passed to every run (vanilla included); without it vanilla
-uses vLLM's CPU default (128) and the plugin its default page (32), and the
-smaller page alone costs vLLM's own attention kernel ~13% here.
+``--block-size`` (default 32) is passed to every run (vanilla included); with
+``--block-size 0`` vanilla uses vLLM's CPU default (128) and the plugin its default
+page (32), and the smaller page alone costs vLLM's own attention kernel ~13% here.
 """
 
 from __future__ import annotations
@@ -24,18 +28,26 @@ import tempfile
 
 from vllm_kvcompress.assets import model_path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_throughput import nothing_evicted_budget  # noqa: E402
+
 
 def run(extra: list[str], args) -> dict:
     vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f, tempfile.NamedTemporaryFile(suffix=".json") as st:
         cmd = [vllm, "bench", "throughput", "--model", str(model_path()), "--dataset-name", "random",
                "--input-len", str(args.input_len), "--output-len", str(args.output_len),
                "--num-prompts", str(args.num_prompts), "--dtype", "float32", "--enforce-eager",
                "--kv-cache-memory-bytes", str(512 << 20), "--max-model-len", "4096", "--seed", "0",
                "--output-json", f.name, *args.block_size_flag, *extra]
         print("$ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, VLLM_KVCOMPRESS_STATS_FILE=st.name)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         out = json.load(open(f.name))
+        try:
+            out["evicted_tokens"] = json.load(open(st.name)).get("evicted_tokens")
+        except (OSError, ValueError):
+            out["evicted_tokens"] = None
     out["output_tokens_per_second"] = out["num_requests"] * args.output_len / out["elapsed_time"]
     return out
 
@@ -46,19 +58,21 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--num-prompts", type=int, default=16)
-    ap.add_argument("--block-size", type=int, default=None)
+    ap.add_argument("--block-size", type=int, default=32, help="page size of every run (0: each run its default)")
     args = ap.parse_args()
-    args.block_size_flag = [] if args.block_size is None else ["--block-size", str(args.block_size)]
+    args.block_size_flag = [] if not args.block_size else ["--block-size", str(args.block_size)]
     base = run([], args)
     rows = [("vanilla", base)]
-    budget = str(args.input_len + args.output_len + 64)  # covers every request: nothing evicted
     for p in args.policies.split(","):
+        budget = nothing_evicted_budget(p, args.input_len, args.output_len)
         rows.append((f"{p} (budget {budget}, nothing evicted)", run(["--kv-policy", p, "--kv-budget", budget], args)))
     print(f"\n{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, float32, 2 cores")
-    print(f"{'run':44s} {'req/s':>7s} {'out tok/s':>10s} {'vs vanilla':>10s}")
+    print(f"{'run':44s} {'req/s':>7s} {'out tok/s':>10s} {'vs vanilla':>10s} {'evicted':>8s}")
     for name, r in rows:
         ratio = r["output_tokens_per_second"] / base["output_tokens_per_second"]
-        print(f"{name:44s} {r['requests_per_second']:7.3f} {r['output_tokens_per_second']:10.1f} {ratio:9.2f}x")
+        ev = r.get("evicted_tokens")
+        print(f"{name:44s} {r['requests_per_second']:7.3f} {r['output_tokens_per_second']:10.1f} {ratio:9.2f}x"
+              f" {'n/a' if ev is None else ev:>8}")
     return 0
 
 

@@ -154,19 +154,19 @@ def test_snapkv_query_weights_and_window():
 
 def test_snapkv_pooling():
     acc = torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0]])
-    avg3 = SnapKVPolicy(kernel=3).score(acc)
+    avg3 = SnapKVPolicy(kernel=3, pooling="avg").score(acc)
     assert avg3[0].tolist() == pytest.approx([0, 5 / 3, 5 / 3, 5 / 3, 0, 0, 0])
-    avg5 = SnapKVPolicy(kernel=5).score(acc)
+    avg5 = SnapKVPolicy(kernel=5, pooling="avg").score(acc)
     assert avg5[0].tolist() == pytest.approx([1, 1, 1, 1, 1, 0, 0])  # zero padding counted at the edge
     mx = SnapKVPolicy(kernel=3, pooling="max").score(acc)
     assert mx.tolist() == [[0, 5, 5, 5, 0, 0, 0]]
     assert SnapKVPolicy(kernel=5).score(torch.rand(2, 3, 11)).shape == (2, 3, 11)
     # the valid length masks garbage past the end before pooling
     acc2 = torch.tensor([[0.0, 0.0, 0.0, 9.0, 9.0]])
-    assert SnapKVPolicy(kernel=3).score(acc2, valid_len=3).tolist() == [[0, 0, 0, 0, 0]]
+    assert SnapKVPolicy(kernel=3, pooling="avg").score(acc2, valid_len=3).tolist() == [[0, 0, 0, 0, 0]]
     # pooling keeps the neighbourhood of a spike: clustered selection
     acc3 = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.2, 0.3, 0.0, 0.0]])
-    kept, _ = compress_step(SnapKVPolicy(window=2, kernel=3), acc3, 5, 5)
+    kept, _ = compress_step(SnapKVPolicy(window=2, kernel=3, pooling="avg"), acc3, 5, 5)
     assert kept.tolist() == [[3, 4, 5, 10, 11]]
 
 

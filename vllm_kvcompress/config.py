@@ -102,10 +102,10 @@ class KVCompressConfig:
     obs_window_ratio: float = 0.2
     #: snapkv policy: observation window (queries scored in prefill; protected recent tokens) (reference 32)
     snapkv_window: int = 32
-    #: snapkv policy: pooling kernel along keys, odd (reference 5)
-    snapkv_kernel: int = 5
-    #: snapkv policy: "avg" (reference default, avg_pool1d) or "max" (max_pool1d)
-    snapkv_pooling: str = "avg"
+    #: snapkv policy: pooling kernel along keys, odd (the SnapKV authors' LongBench configs: 7)
+    snapkv_kernel: int = 7
+    #: snapkv policy: "max" (max_pool1d, the SnapKV authors' LongBench configs) or "avg" (``init_snapkv``'s default)
+    snapkv_pooling: str = "max"
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:

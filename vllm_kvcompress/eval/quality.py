@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import dataclasses
 import functools
 import json
 import math
@@ -398,6 +399,10 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
             bar.write(f"{tag}: kept from the previous run (--resume)")
             continue
         run: dict[str, Any] = dict(policy=policy, retention=retention, seconds={})
+        if policy != "full":  # the resolved settings (policy defaults included) this run used
+            from vllm_kvcompress.config import KVCompressConfig
+
+            run["kv_compress"] = dataclasses.asdict(KVCompressConfig(policy=policy, budget=retention))
         t0 = time.perf_counter()
         jobs = []
         if prompts["passkey"] or prompts["multikey"]:

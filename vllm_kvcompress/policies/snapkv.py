@@ -5,7 +5,9 @@ Zefan-Cai/KVCache-Factory ``pyramidkv/pyramidkv_utils.py`` (``SnapKVCluster``):
 the last ``window_size`` (32) prompt queries' attention to the earlier keys is
 summed over the window, pooled along keys (``avg_pool1d``, kernel 5, stride 1,
 padding k//2: same length), the top ``capacity - window`` keys are kept plus
-the window itself. kvpress (``SnapKVPress``) averages the query heads of a
+the window itself. Our defaults are the authors' LongBench configuration
+(``experiments/LongBench/config/ablation_c*_w32_k7_maxpool.json``: window 32,
+``max_pool1d``, kernel 7). kvpress (``SnapKVPress``) averages the query heads of a
 GQA group, as we do.
 """
 
@@ -33,8 +35,8 @@ class SnapKVPolicy(BasePolicy):
     default_sinks: ClassVar[int] = 0
 
     window: int = 32
-    kernel: int = 5
-    pooling: str = "avg"
+    kernel: int = 7
+    pooling: str = "max"
 
     @classmethod
     def from_config(cls, cfg) -> "SnapKVPolicy":
