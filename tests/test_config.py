@@ -169,6 +169,7 @@ def test_non_integer_sizes(name):
 
 def test_snapkv_kernel_odd():
     assert _err(policy="snapkv", budget=0.5, snapkv_kernel=4) == "kv_compress.snapkv_kernel: must be an odd integer >= 1, got 4"
+    assert _err(policy="pyramid", budget=0.5, pyramid_kernel=0) == "kv_compress.pyramid_kernel: must be an odd integer >= 1, got 0"
 
 
 @pytest.mark.parametrize("v", [0, 1.5, -0.1])

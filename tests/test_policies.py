@@ -118,7 +118,7 @@ def test_pyramid_resets_scores():
 
 
 def test_pyramid_query_weights():
-    pol = PyramidInferPolicy(obs_window_ratio=0.2)
+    pol = PyramidInferPolicy(obs_window_ratio=0.2, kernel=1)
     w = pol.query_weights(0, 10, 10, True)  # window = last ceil(0.2 * 10) = 2 positions
     assert w.tolist() == pytest.approx([0] * 8 + [1.0, 1.2])
     w = pol.query_weights(10, 10, 20, True)  # window 16..19, rising 1.0 -> 1.2
@@ -135,7 +135,7 @@ def test_pyramid_query_weights():
     probs[0, :8, 1] = 1.0  # early queries love key 1 (ignored)
     probs[0, 8:, 3] = 1.0  # the window's queries pick key 3
     assert layer.step(probs, is_prefill=True)[0].tolist() == [0, 1, 2, 3, 9]  # 4 sinks win the budget
-    layer = Layer(PyramidInferPolicy(sinks=0), budget=3)
+    layer = Layer(PyramidInferPolicy(sinks=0, kernel=1), budget=3)
     assert layer.step(probs, is_prefill=True)[0].tolist() == [3, 8, 9]  # recent ceil(.2*3)=1 + key 3 + tie->newest
 
 
@@ -246,8 +246,22 @@ def test_compress_step_gathers_or_resets():
     acc = torch.tensor([[3.0, 1.0, 2.0, 0.5]])
     kept, new = compress_step(H2OPolicy(recent_window=1), acc, 3, 3)
     assert kept.tolist() == [[0, 2, 3]] and new.tolist() == [[3.0, 2.0, 0.5]]
-    kept, new = compress_step(PyramidInferPolicy(sinks=0, recent_window=1), acc, 3, 3)
+    kept, new = compress_step(PyramidInferPolicy(sinks=0, recent_window=1, kernel=1), acc, 3, 3)
     assert kept.tolist() == [[0, 2, 3]] and new.tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_pyramid_pooling_keeps_spans():
+    # one key the window loves (a pass key's first digit) and its neighbours (the other digits)
+    acc = torch.tensor([[0.0, 0.3, 0.0, 0.0, 1.0, 0.01, 0.0, 0.0, 0.2, 0.0, 0.0, 0.0]])
+    kept, _ = compress_step(PyramidInferPolicy(sinks=0, recent_window=0, kernel=1), acc, 3, 3)
+    assert kept.tolist() == [[1, 4, 8]]  # the reference ranks single tokens
+    kept, _ = compress_step(PyramidInferPolicy(sinks=0, recent_window=0, kernel=3), acc, 3, 3)
+    assert kept.tolist() == [[3, 4, 5]]  # max-pooled: the span around the peak (ties -> newest)
+    assert get_policy(KVCompressConfig(policy="pyramid", budget=0.2)).kernel == 7
+    assert get_policy(KVCompressConfig(policy="pyramid", budget=0.2, pyramid_kernel=1)).kernel == 1
+    # slots past the valid length never leak into pooled scores
+    pol = PyramidInferPolicy(kernel=3)
+    assert pol.score(torch.tensor([[0.0, 0.0, 0.0, 9.0]]), valid_len=3).tolist() == [[0, 0, 0, 0]]
 
 
 def test_registry_and_defaults():
@@ -270,6 +284,6 @@ def test_registry_and_defaults():
 def test_sinks_recent_vectorised():
     b = torch.tensor([100, 51, 7])
     assert H2OPolicy().sinks_recent(b)[1].tolist() == [50, 25, 3]
-    pol = PyramidInferPolicy(obs_window_ratio=0.2)
+    pol = PyramidInferPolicy(obs_window_ratio=0.2, kernel=1)
     assert pol.sinks_recent(b)[1].tolist() == [pol.sinks_recent(int(x))[1] for x in b] == [20, 11, 2]
     assert StreamingLLMPolicy().sinks_recent(b)[1].tolist() == [96, 47, 3]

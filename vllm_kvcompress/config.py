@@ -100,6 +100,10 @@ class KVCompressConfig:
     num_stages: int = 6
     #: pyramid policy: prefill observation window = last ceil(ratio * context) positions (reference 0.2)
     obs_window_ratio: float = 0.2
+    #: pyramid policy: max-pool the scores along keys with this odd kernel before the top-k, so
+    #: multi-token spans (numbers are one token per digit) survive together; 1 = the reference's
+    #: per-token scores (see docs/policies.md for the measurement behind the default)
+    pyramid_kernel: int = 7
     #: snapkv policy: observation window (queries scored in prefill; protected recent tokens) (reference 32)
     snapkv_window: int = 32
     #: snapkv policy: pooling kernel along keys, odd (the SnapKV authors' LongBench configs: 7)
@@ -115,7 +119,8 @@ class KVCompressConfig:
     def _normalize(self) -> None:
         """Coerce integral floats (e.g. from JSON/YAML) for integer options; check types."""
         set_ = object.__setattr__
-        for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "snapkv_kernel"):
+        for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "snapkv_kernel",
+                     "pyramid_kernel"):
             set_(self, name, _as_int(name, getattr(self, name), optional=False))
         for name in ("recent_window", "sinks"):
             set_(self, name, _as_int(name, getattr(self, name), optional=True))
@@ -165,8 +170,10 @@ class KVCompressConfig:
             v = getattr(self, name)
             if v < 1:
                 raise _err(name, f"must be an integer >= 1, got {v}")
-        if self.snapkv_kernel < 1 or self.snapkv_kernel % 2 == 0:
-            raise _err("snapkv_kernel", f"must be an odd integer >= 1, got {self.snapkv_kernel}")
+        for name in ("snapkv_kernel", "pyramid_kernel"):
+            v = getattr(self, name)
+            if v < 1 or v % 2 == 0:
+                raise _err(name, f"must be an odd integer >= 1, got {v}")
         if not 0 < self.obs_window_ratio <= 1:
             raise _err("obs_window_ratio", f"must be in (0, 1], got {self.obs_window_ratio!r}")
         if self.pyramidkv_beta < 1:

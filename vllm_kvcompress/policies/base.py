@@ -39,6 +39,7 @@ __all__ = [
     "compress_step",
     "ceil_ratio",
     "group_mean",
+    "pool_scores",
 ]
 
 IntOrTensor = Union[int, torch.Tensor]
@@ -61,6 +62,26 @@ def group_mean(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         return probs
     shp = probs.shape
     return probs.reshape(*shp[:-3], num_kv_heads, g, shp[-2], shp[-1]).mean(dim=-3)
+
+
+def pool_scores(acc: torch.Tensor, kernel: int, pooling: str = "max",
+                valid_len: IntOrTensor | None = None) -> torch.Tensor:
+    """``[..., K]`` scores pooled along keys (stride 1, padding ``kernel // 2``: same length).
+
+    Slots at or beyond ``valid_len`` are zeroed first. ``avg`` counts the zero padding
+    at the edges (``avg_pool1d``'s ``count_include_pad``, as in the SnapKV reference).
+    """
+    x = acc.to(torch.float32)
+    K = x.shape[-1]
+    if valid_len is not None:
+        vl = torch.as_tensor(valid_len, device=x.device)
+        vl = vl[..., None, None] if vl.dim() else vl
+        x = x.masked_fill(torch.arange(K, device=x.device) >= vl, 0.0)
+    if kernel == 1 or K == 0:
+        return x
+    flat = x.reshape(-1, 1, K)
+    pool = torch.nn.functional.max_pool1d if pooling == "max" else torch.nn.functional.avg_pool1d
+    return pool(flat, kernel_size=kernel, stride=1, padding=kernel // 2).reshape(x.shape)
 
 
 def _as_batch_tensor(x: IntOrTensor | None, batch_shape: torch.Size, device, default: int) -> torch.Tensor:

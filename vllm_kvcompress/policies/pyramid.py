@@ -9,6 +9,11 @@ newest), averaged over heads; 4 sink tokens are always kept; then it drops the
 entries. vLLM cannot drop hidden states in the middle of a forward pass, so we
 keep the scoring and the per-layer retention (the pyramid, see
 ``schedule.pyramidinfer_shape``) but evict KV entries per layer instead.
+
+One deviation by default: the scores are max-pooled along keys (``kernel`` 7, as
+SnapKV's LongBench configuration) before the top-k. The reference ranks single
+tokens; on the embedded model that kept the first digits of a pass key and lost
+the rest (``kernel=1`` restores the reference ranking; docs/policies.md).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import BasePolicy, IntOrTensor, ceil_ratio
+from .base import BasePolicy, IntOrTensor, ceil_ratio, pool_scores
 
 __all__ = ["PyramidInferPolicy"]
 
@@ -37,10 +42,12 @@ class PyramidInferPolicy(BasePolicy):
     distance_weight: ClassVar[float] = 1.2
 
     obs_window_ratio: float = 0.2
+    kernel: int = 7
 
     @classmethod
     def from_config(cls, cfg) -> "PyramidInferPolicy":
-        return cls(sinks=cfg.sinks, recent_window=cfg.recent_window, obs_window_ratio=cfg.obs_window_ratio)
+        return cls(sinks=cfg.sinks, recent_window=cfg.recent_window, obs_window_ratio=cfg.obs_window_ratio,
+                   kernel=cfg.pyramid_kernel)
 
     def default_recent(self, budget: IntOrTensor) -> IntOrTensor:
         return ceil_ratio(budget, self.obs_window_ratio)
@@ -61,3 +68,8 @@ class PyramidInferPolicy(BasePolicy):
             w = torch.ones_like(pos)
         w = torch.where(pos >= lo, w, torch.zeros_like(w))
         return w.to(torch.float32)
+
+    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None) -> torch.Tensor:
+        if self.kernel == 1:  # the reference: per-token scores
+            return acc
+        return pool_scores(acc, self.kernel, "max", valid_len)

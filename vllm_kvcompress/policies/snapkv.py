@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from .base import BasePolicy, IntOrTensor
+from .base import BasePolicy, IntOrTensor, pool_scores
 
 __all__ = ["SnapKVPolicy"]
 
@@ -58,19 +57,4 @@ class SnapKVPolicy(BasePolicy):
         return w
 
     def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None) -> torch.Tensor:
-        x = acc.to(torch.float32)
-        K = x.shape[-1]
-        if valid_len is not None:
-            vl = torch.as_tensor(valid_len, device=x.device)
-            vl = vl[..., None, None] if vl.dim() else vl
-            x = x.masked_fill(torch.arange(K, device=x.device) >= vl, 0.0)
-        if self.kernel == 1 or K == 0:
-            return x
-        flat = x.reshape(-1, 1, K)
-        pad = self.kernel // 2
-        if self.pooling == "max":
-            out = F.max_pool1d(flat, kernel_size=self.kernel, stride=1, padding=pad)
-        else:
-            # count_include_pad=True: edge keys are averaged with zero padding, as in the reference
-            out = F.avg_pool1d(flat, kernel_size=self.kernel, stride=1, padding=pad)
-        return out.reshape(x.shape)
+        return pool_scores(acc, self.kernel, self.pooling, valid_len)
