@@ -36,7 +36,7 @@ def run(extra: list[str], args) -> dict:
     vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
     with tempfile.NamedTemporaryFile(suffix=".json") as f, tempfile.NamedTemporaryFile(suffix=".json") as st:
         cmd = [vllm, "bench", "throughput", "--model", str(model_path()), "--dataset-name", "random",
-               "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+               "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
                "--num-prompts", str(args.num_prompts), "--dtype", "float32", "--enforce-eager",
                "--kv-cache-memory-bytes", str(512 << 20), "--max-model-len", "4096", "--seed", "0",
                "--output-json", f.name, *args.block_size_flag, *extra]
@@ -44,6 +44,11 @@ def run(extra: list[str], args) -> dict:
         env = dict(os.environ, VLLM_KVCOMPRESS_STATS_FILE=st.name)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         out = json.load(open(f.name))
+        # vLLM 0.32's random dataset reads --random-input-len/--random-output-len (their
+        # defaults, 1024/128, win over the legacy --input-len/--output-len): check the sizes
+        expect = args.num_prompts * (args.input_len + args.output_len)
+        if abs(out["total_num_tokens"] - expect) > 0.02 * expect:
+            raise SystemExit(f"bench ran {out['total_num_tokens']} tokens, expected ~{expect}")
         try:
             out["evicted_tokens"] = json.load(open(st.name)).get("evicted_tokens")
         except (OSError, ValueError):
