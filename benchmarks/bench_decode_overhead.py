@@ -10,7 +10,7 @@ skip scoring, so this measures what compression being on costs: the per-stage
 KV-cache groups, the plugin's metadata and its attention path.
 
     python benchmarks/bench_decode_overhead.py [--policies h2o,pyramid] [--input-len 512]
-        [--output-len 256] [--num-prompts 16] [--block-size 32]
+        [--output-len 256] [--num-prompts 16] [--block-size 32] [--repeats 3]
 
 ``--block-size`` (default 32) is passed to every run (vanilla included); with
 ``--block-size 0`` vanilla uses vLLM's CPU default (128) and the plugin its default
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -64,20 +65,31 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=32, help="page size of every run (0: each run its default)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the whole sequence N times and also print each ratio's median (noise here is ~±8%%)")
     args = ap.parse_args()
     args.block_size_flag = [] if not args.block_size else ["--block-size", str(args.block_size)]
-    base = run([], args)
-    rows = [("vanilla", base)]
+    configs = [("vanilla", [])]
     for p in args.policies.split(","):
         budget = nothing_evicted_budget(p, args.input_len, args.output_len)
-        rows.append((f"{p} (budget {budget}, nothing evicted)", run(["--kv-policy", p, "--kv-budget", budget], args)))
-    print(f"\n{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, float32, 2 cores")
-    print(f"{'run':44s} {'req/s':>7s} {'out tok/s':>10s} {'vs vanilla':>10s} {'evicted':>8s}")
-    for name, r in rows:
-        ratio = r["output_tokens_per_second"] / base["output_tokens_per_second"]
-        ev = r.get("evicted_tokens")
-        print(f"{name:44s} {r['requests_per_second']:7.3f} {r['output_tokens_per_second']:10.1f} {ratio:9.2f}x"
-              f" {'n/a' if ev is None else ev:>8}")
+        configs.append((f"{p} (budget {budget}, nothing evicted)", ["--kv-policy", p, "--kv-budget", budget]))
+    ratios: dict[str, list[float]] = {name: [] for name, _ in configs}
+    for rep in range(args.repeats):
+        rows = [(name, run(flags, args)) for name, flags in configs]
+        base = rows[0][1]
+        print(f"\n{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, float32, 2 cores"
+              + (f" (run {rep + 1} of {args.repeats})" if args.repeats > 1 else ""))
+        print(f"{'run':44s} {'req/s':>7s} {'out tok/s':>10s} {'vs vanilla':>10s} {'evicted':>8s}")
+        for name, r in rows:
+            ratio = r["output_tokens_per_second"] / base["output_tokens_per_second"]
+            ratios[name].append(ratio)
+            ev = r.get("evicted_tokens")
+            print(f"{name:44s} {r['requests_per_second']:7.3f} {r['output_tokens_per_second']:10.1f} {ratio:9.2f}x"
+                  f" {'n/a' if ev is None else ev:>8}", flush=True)
+    if args.repeats > 1:
+        print(f"\nmedian vs vanilla over {args.repeats} runs (each against its own vanilla run)")
+        for name, rs in ratios.items():
+            print(f"{name:44s} {statistics.median(rs):9.2f}x   ({', '.join(f'{x:.2f}' for x in rs)})")
     return 0
 
 
