@@ -59,6 +59,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vllm_kvcompress.config import KVCompressConfig
+
 # ----------------------------------------------------------------------------- defaults
 POLICIES = ("h2o", "pyramid", "snapkv", "streaming")
 RETENTIONS = (0.5, 0.25, 0.125)
@@ -400,8 +402,6 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
             continue
         run: dict[str, Any] = dict(policy=policy, retention=retention, seconds={})
         if policy != "full":  # the resolved settings (policy defaults included) this run used
-            from vllm_kvcompress.config import KVCompressConfig
-
             run["kv_compress"] = dataclasses.asdict(KVCompressConfig(policy=policy, budget=retention))
         t0 = time.perf_counter()
         jobs = []
