@@ -68,6 +68,13 @@ def test_budget_covering_everything_is_token_identical(kv, vanilla_tokens, essay
         groups = scheduler_of(llm).kv_cache_manager.kv_cache_config.kv_cache_groups
         assert all(type(g.kv_cache_spec).__name__ == "CompressedAttentionSpec" for g in groups)
         assert tokens(llm.generate(essay_prompts["short"], greedy())) == vanilla_tokens
+        # nothing evicts, so vLLM's prefix cache works as without the plugin: the same
+        # prompts again reuse the cached pages (and still give the same tokens)
+        pool = scheduler_of(llm).kv_cache_manager.block_pool
+        assert len(pool.cached_block_hash_to_block) > 0
+        again = llm.generate(essay_prompts["short"], greedy())
+        assert all(o.num_cached_tokens >= 128 for o in again), [o.num_cached_tokens for o in again]
+        assert tokens(again) == vanilla_tokens
     finally:
         close_llm(llm)
 
@@ -115,6 +122,19 @@ def test_decoding_requests_hold_exactly_the_predicted_pages(h2o_llm, essay_promp
     # vLLM's own reported KV usage falls once prefill is compacted
     assert usage_decode is not None and usage_prefill is not None
     assert usage_decode < 0.5 * usage_prefill
+
+
+def test_evicting_requests_never_share_pages(h2o_llm, essay_prompts):
+    """Compaction rewrites pages in place: a request that may evict neither caches its
+    pages nor reads the prefix cache (prefix caching itself stays on for the others)."""
+    sched = scheduler_of(h2o_llm)
+    assert sched.kv_cache_manager.enable_caching
+    prompt = essay_prompts["long"][:1]
+    first = h2o_llm.generate(prompt, greedy())
+    second = h2o_llm.generate(prompt, greedy())
+    assert first[0].num_cached_tokens == second[0].num_cached_tokens == 0
+    assert len(sched.kv_cache_manager.block_pool.cached_block_hash_to_block) == 0
+    assert tokens(first) == tokens(second)
 
 
 def test_pages_return_after_finish_abort_and_preemption(h2o_llm, essay_prompts):

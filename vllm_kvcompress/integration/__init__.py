@@ -12,6 +12,7 @@ module                 vLLM symbol it patches / registers
 ``model_runner``       ``GPUModelRunner._build_attention_metadata``
 ``attention_backend``  ``AttentionBackendEnum.CPU_ATTN`` / ``CUSTOM`` via
                        ``register_backend``
+``prefix_cache``       ``KVCacheManager.prefix_cache_lookup_enabled``
 ``request_budget``     ``InputProcessor._validate_params``,
                        ``Scheduler.add_request``, ``Scheduler._free_blocks``
 ``metrics``            ``Scheduler.make_stats``, ``Scheduler.shutdown``; its
@@ -37,8 +38,10 @@ def apply_all() -> None:
         metrics,
         model_runner,
         platform_config,
+        prefix_cache,
         request_budget,
     )
 
-    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, request_budget, metrics):
+    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, prefix_cache, request_budget,
+                metrics):
         mod.apply()

@@ -7,6 +7,12 @@ function of computed tokens and the stage budget, ``vllm_kvcompress.paging``),
 never WHICH: it frees the pages in front of the compacted window, like vLLM's
 sliding-window manager frees pages that left the window, and caps admission by
 the most pages a request of this group can ever hold.
+
+Prefix caching: a request that can never outgrow this group's budget (prompt +
+``max_tokens`` <= budget) is never compacted, so its pages hold exactly what
+vanilla vLLM's would and are cached and shared as usual; pages of a request
+that may evict are rewritten in place by compaction and are never cached
+(``cache_blocks``) nor looked up (``integration.prefix_cache``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,16 @@ class CompressedKVCacheManager(FullAttentionManager):
 
     def budget(self, prompt_len: int, request_id: str | None = None) -> int:
         return self.kv_cache_spec.budget(prompt_len, REQUEST_BUDGETS.get(request_id))
+
+    def may_evict(self, request) -> bool:
+        """Whether ``request`` can ever hold more tokens than this group's budget."""
+        max_new = request.max_tokens if request.max_tokens is not None else 1 << 40
+        return request.num_prompt_tokens + max_new > self.budget(request.num_prompt_tokens, request.request_id)
+
+    def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
+        if self.may_evict(request):
+            return  # compaction rewrites these pages: they must never be shared
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:

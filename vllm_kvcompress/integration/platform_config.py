@@ -3,8 +3,7 @@
 ``VllmConfig.__post_init__`` calls once per engine.
 
 With a compression policy on, it validates the ``kv_compress`` config (one-line
-errors), turns prefix caching off (compressed layers cannot share pages), picks
-a 32-token page when the user did not choose one (pages are the unit in which
+errors), picks a 32-token page when the user did not choose one (pages are the unit in which
 eviction frees memory), and refuses features that cannot work with eviction.
 """
 
@@ -55,9 +54,6 @@ def adjust(vllm_config) -> None:
            kv_transfer=vllm_config.kv_transfer_config is not None,
            disable_hma=bool(sched.disable_hybrid_kv_cache_manager),
            block_size=cache.block_size if user_bs else None)
-    if cache.enable_prefix_caching:
-        logger.warning("vllm-kvcompress: prefix caching turned off (compressed layers cannot share pages)")
-        cache.enable_prefix_caching = False
     if not user_bs:
         cache.block_size = DEFAULT_BLOCK_SIZE
     if model is not None:
