@@ -9,6 +9,8 @@ module                 vLLM symbol it patches / registers
 ``kv_spec``            ``Attention.get_kv_cache_spec``, ``KVCacheSpecRegistry``
 ``kv_manager``         (class registered by ``kv_spec``) the scheduler-side
                        ``SingleTypeKVCacheManager`` of compressed layers
+``free_order``         ``KVCacheCoordinator.free``,
+                       ``KVCacheCoordinator.pop_blocks_for_free``
 ``model_runner``       ``GPUModelRunner._build_attention_metadata``
 ``attention_backend``  ``AttentionBackendEnum.CPU_ATTN`` / ``CUSTOM`` via
                        ``register_backend``
@@ -34,14 +36,15 @@ def apply_all() -> None:
     from vllm_kvcompress.integration import (
         attention_backend,
         cli_args,
+        free_order,
         kv_spec,
         metrics,
         model_runner,
         platform_config,
-        prefix_cache,
+        prefix_cache, free_order,
         request_budget,
     )
 
-    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, prefix_cache, request_budget,
-                metrics):
+    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, prefix_cache, free_order,
+                request_budget, metrics):
         mod.apply()

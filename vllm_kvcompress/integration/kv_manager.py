@@ -76,9 +76,10 @@ class CompressedKVCacheManager(FullAttentionManager):
             self.freed_blocks += end - 1 - i
             self._remove_blocks_in_range(request_id, 0, end)
 
-    def free(self, request_id: str) -> None:
+    def pop_blocks_for_free(self, request_id: str) -> list:
+        # every way out (free, preemption, deferred free, ``free_order``) pops here
         self.req_tokens.pop(request_id, None)
-        super().free(request_id)
+        return super().pop_blocks_for_free(request_id)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model,
