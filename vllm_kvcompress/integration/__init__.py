@@ -41,7 +41,7 @@ def apply_all() -> None:
         metrics,
         model_runner,
         platform_config,
-        prefix_cache, free_order,
+        prefix_cache,
         request_budget,
     )
 

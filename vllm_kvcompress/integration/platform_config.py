@@ -3,8 +3,9 @@
 ``VllmConfig.__post_init__`` calls once per engine.
 
 With a compression policy on, it validates the ``kv_compress`` config (one-line
-errors), picks a 32-token page when the user did not choose one (pages are the unit in which
-eviction frees memory), and refuses features that cannot work with eviction.
+errors), picks a 32-token page when the user did not choose one (pages are the
+unit in which eviction frees memory), and refuses features that cannot work with
+eviction.
 """
 
 from __future__ import annotations
