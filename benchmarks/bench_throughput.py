@@ -350,6 +350,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def policy_flags(policy: str, budget: str) -> list[str]:
+    """``pyramid+drop`` = ``--kv-policy pyramid --kv-prefill-drop`` (deeper layers compute only
+    their kept tokens in prefill); any other name is a ``--kv-policy`` value."""
+    base, _, extra = policy.partition("+")
+    flags = ["--kv-policy", base, "--kv-budget", budget]
+    if extra == "drop":
+        flags.append("--kv-prefill-drop")
+    elif extra:
+        raise SystemExit(f"bench_throughput: unknown policy variant {policy!r} (allowed: <policy>, pyramid+drop)")
+    return flags
+
+
 def nothing_evicted_budget(policy: str, input_len: int, output_len: int) -> str:
     """Smallest ``--kv-budget`` (tokens, the mean over layers) whose *every* layer budget
     covers prompt + output, so nothing is evicted (the backend then skips scoring for
@@ -367,7 +379,7 @@ def nothing_evicted_budget(policy: str, input_len: int, output_len: int) -> str:
         layers = model_geometry()["layers"]
 
         def ok(b: int) -> bool:
-            cfg = KVCompressConfig.from_dict({"policy": policy, "budget": b})
+            cfg = KVCompressConfig.from_dict({"policy": policy.partition("+")[0], "budget": b})
             return min(layer_budgets(cfg, layers, input_len)) >= need
 
         lo, hi = need, need
@@ -394,14 +406,16 @@ def main_table(runner: Runner, args) -> dict:
     van["kind"] = "vanilla"
     runs.append(van)
     for p in args.policies:
+        if "+" in p:  # a prefill variant: with nothing evicted it is the base policy's run
+            continue
         budget = nothing_evicted_budget(p, L, O)
-        r = runner.throughput(f"{p} nothing evicted (budget {budget})", ["--kv-policy", p, "--kv-budget", budget],
+        r = runner.throughput(f"{p} nothing evicted (budget {budget})", policy_flags(p, budget),
                               n=n, input_len=L, output_len=O)
         r.update(kind="nothing-evicted", policy=p, retention=None)
         runs.append(r)
     for ret in args.retentions:
         for p in args.policies:
-            r = runner.throughput(f"{p} {ret:.1%}", ["--kv-policy", p, "--kv-budget", str(ret)],
+            r = runner.throughput(f"{p} {ret:.1%}", policy_flags(p, str(ret)),
                                   n=n, input_len=L, output_len=O)
             r.update(kind="retention", policy=p, retention=ret)
             runs.append(r)
@@ -516,7 +530,7 @@ def scaling(runner: Runner, args) -> dict:
         r.update(kind="vanilla", policy=None, retention=None)
         res["prompt_len"].append(r)
         for p in args.scaling_policies:
-            r = runner.throughput(f"scaling len {L}: {p} 25%", ["--kv-policy", p, "--kv-budget", "0.25"],
+            r = runner.throughput(f"scaling len {L}: {p} 25%", policy_flags(p, "0.25"),
                                   n=n, input_len=L, output_len=O)
             r.update(kind="retention", policy=p, retention=0.25)
             res["prompt_len"].append(r)
@@ -529,9 +543,9 @@ def scaling(runner: Runner, args) -> dict:
     for p in args.scaling_policies:
         for ret in args.scaling_retentions:
             if ret >= 1.0:
-                flags = ["--kv-policy", p, "--kv-budget", nothing_evicted_budget(p, L, O)]
+                flags = policy_flags(p, nothing_evicted_budget(p, L, O))
             else:
-                flags = ["--kv-policy", p, "--kv-budget", str(ret)]
+                flags = policy_flags(p, str(ret))
             have = next((r for r in res["prompt_len"] if r.get("policy") == p and r["input_len"] == L
                          and r.get("retention") == ret), None)
             if have is None:
@@ -638,7 +652,7 @@ def online(runner: Runner, args) -> dict:
     results = []
     t0 = time.time()
     for label, flags in [("vanilla", []),
-                         (f"{args.online_policy} 25%", ["--kv-policy", args.online_policy, "--kv-budget", "0.25"])]:
+                         (f"{args.online_policy} 25%", policy_flags(args.online_policy, "0.25"))]:
         tag = re.sub(r"[^A-Za-z0-9]+", "_", label)
         log = runner.workdir / f"online_{tag}.serve.log"
         stats_json = runner.workdir / f"online_{tag}.stats.json"

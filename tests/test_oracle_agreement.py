@@ -1,6 +1,8 @@
 """The vLLM integration reproduces the dense oracle (float32, greedy):
 the same retained tokens per layer and KV head after prefill, and the same
-first 64 generated tokens, for H2O and PyramidInfer on 3 essay prompts."""
+first 64 generated tokens, for H2O and PyramidInfer (also with
+``prefill_drop``: deeper layers compute only their kept tokens) on 3 essay
+prompts."""
 
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ def _worker_layers(llm):
     return {name: mod for name, mod in ctx.items() if hasattr(mod, "impl")}
 
 
-@pytest.mark.parametrize("kv", [{"policy": "h2o", "budget": 256}, {"policy": "pyramid", "budget": 256}],
-                         ids=["h2o", "pyramid"])
+@pytest.mark.parametrize("kv", [{"policy": "h2o", "budget": 256}, {"policy": "pyramid", "budget": 256},
+                                {"policy": "pyramid", "budget": 256, "prefill_drop": True}],
+                         ids=["h2o", "pyramid", "pyramid-prefill-drop"])
 def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypatch):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -93,7 +96,7 @@ def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypa
                     total += len(b)
                 exact += int(all(set(got[h].tolist()) == set(want[h].tolist()) for h in range(got.shape[0])))
             assert out[:N_OUT] == want_tokens[:N_OUT], f"prompt {i}"
-        print(f"{kv['policy']}: {exact}/{pairs} (prompt, layer) pairs keep identical tokens; "
+        print(f"{kv['policy']}{' prefill_drop' if kv.get('prefill_drop') else ''}: {exact}/{pairs} (prompt, layer) pairs keep identical tokens; "
               f"{differ}/{total} retained tokens differ")
         # float32 kernels vs the oracle's einsum: a near-tie in the top-k may flip one token
         assert exact >= 0.95 * pairs and differ <= 0.002 * total

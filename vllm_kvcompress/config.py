@@ -110,6 +110,10 @@ class KVCompressConfig:
     snapkv_kernel: int = 7
     #: snapkv policy: "max" (max_pool1d, the SnapKV authors' LongBench configs) or "avg" (``init_snapkv``'s default)
     snapkv_pooling: str = "max"
+    #: pyramid policy: in a prompt's prefill, drop the hidden states of the tokens a layer does
+    #: not keep, so deeper layers compute only their retained tokens (the PyramidInfer reference;
+    #: cuts prefill compute). Off: every layer computes every prompt token and then evicts.
+    prefill_drop: bool = False
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -129,6 +133,8 @@ class KVCompressConfig:
             if not isinstance(v, str):
                 raise _err(name, f"must be a string, got {v!r}")
             set_(self, name, v.strip().lower())
+        if not isinstance(self.prefill_drop, bool):
+            raise _err("prefill_drop", f"must be true or false, got {self.prefill_drop!r}")
         if self.schedule is not None:
             if not isinstance(self.schedule, str):
                 raise _err("schedule", f"must be a string or null, got {self.schedule!r}")
@@ -186,6 +192,9 @@ class KVCompressConfig:
                     "floor_ratio",
                     f"only used by schedules {', '.join(_PYRAMIDINFER_SCHEDULES)} (schedule is {self.resolved_schedule!r})",
                 )
+
+        if self.prefill_drop and self.policy != "pyramid":
+            raise _err("prefill_drop", f"only with policy 'pyramid' (the PyramidInfer reference), got policy {self.policy!r}")
 
         if isinstance(b, int) and b > 1:
             fixed = self.resolved_sinks + (self.fixed_recent or 0)

@@ -432,6 +432,16 @@ def compact_windows(k_t: torch.Tensor, v: torch.Tensor, acc: torch.Tensor | None
     compact_windows_reference(k_t, v, acc, block_table, old_start, new_start, kept, keep, new_acc)
 
 
+def read_scores(layer: PagedLayer, block_table: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Accumulated scores ``[R, H, max(count)]`` of window slots ``0..count-1`` of each
+    row (``block_table`` unshifted, window at entry ``start``); 0 past ``count``."""
+    dev = layer.v.device
+    count = count.to(device=dev, dtype=torch.long)
+    width = max(int(count.max()), 1) if len(count) else 1
+    blk, off, valid = _window_index(block_table, count, layer.block_size, width, start=start)
+    return layer.acc.permute(0, 2, 1)[blk, off].masked_fill(~valid[..., None], 0.0).transpose(1, 2)
+
+
 def compact_requests(layer: PagedLayer, policy: BasePolicy, block_table: torch.Tensor, old_start: torch.Tensor,
                      count: torch.Tensor, new_start: torch.Tensor, keep: torch.Tensor,
                      budget: torch.Tensor) -> torch.Tensor:
@@ -440,19 +450,16 @@ def compact_requests(layer: PagedLayer, policy: BasePolicy, block_table: torch.T
     (``compress_step`` with ``valid_len=count``), the move in
     :func:`compact_windows`. Returns kept slots ``[R, H, Kmax]`` (-1 padded)."""
     dev = layer.v.device
-    R = block_table.shape[0]
-    H, bs = layer.v.shape[1], layer.block_size
+    R, H = block_table.shape[0], layer.v.shape[1]
     count = count.to(device=dev, dtype=torch.long)
     keep = keep.to(device=dev, dtype=torch.long)
     budget = budget.to(device=dev, dtype=torch.long)
     old_start = old_start.to(device=dev, dtype=torch.long)
     new_start = new_start.to(device=dev, dtype=torch.long)
-    width = max(int(count.max()), 1) if R else 1
     if layer.acc is not None:
-        blk, off, valid = _window_index(block_table, count, bs, width, start=old_start)
-        scores = layer.acc.permute(0, 2, 1)[blk, off].masked_fill(~valid[..., None], 0.0).transpose(1, 2)
+        scores = read_scores(layer, block_table, old_start, count)
     else:
-        scores = torch.zeros(R, H, width, device=dev)
+        scores = torch.zeros(R, H, max(int(count.max()), 1) if R else 1, device=dev)
     kept, new_acc = compress_step(policy, scores, keep, budget, valid_len=count)
     compact_windows(layer.k_t, layer.v, layer.acc, block_table, old_start, new_start, kept,
                     torch.minimum(keep, count), new_acc if layer.acc is not None else None)

@@ -17,6 +17,11 @@ the chunk); the probabilities feed ``policy.accumulate`` with
 ``compress_step`` when it holds more than that. Compacting each layer right
 after its own attention is equivalent to compacting all layers after the
 forward pass (a layer's cache is not read again within the step).
+
+``prefill_drop`` (a whole prompt in one step): after layer ``l``, when layer
+``l+1`` holds fewer tokens than are being computed, the hidden states shrink to
+``select_tokens`` of layer ``l``'s scores (before its compaction), so layer
+``l+1`` computes (and stores) only those tokens, at their true positions.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Sequence
 import torch
 
 from .config import KVCompressConfig
-from .policies import compress_step, get_policy, layer_budgets, retained_count
+from .policies import compress_step, drop_counts, get_policy, layer_budgets, retained_count, select_tokens
 
 __all__ = ["DenseOracle", "LayerStore", "load_model"]
 
@@ -127,12 +132,19 @@ class DenseOracle:
         cos, sin = m.rotary_emb(h, pos[None])  # [1, Q, D]
         weights = self.policy.query_weights(start, Q, C, is_prefill) if self.policy.needs_attention else None
         compress = not self.cfg.keeps_all
+        drop = None
+        if compress and self.cfg.prefill_drop and is_prefill and start == 0 and C == self.prompt_len:
+            drop = drop_counts(self.budgets, C, self.cfg.compress_interval)
 
         for li, layer in enumerate(m.layers):
             x = layer.input_layernorm(h)
             out = self._attention(li, layer.self_attn, x, cos, sin, pos, weights)
             h = h + out
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if drop is not None and li + 1 < self.num_layers and drop[li + 1] < h.shape[1]:
+                kept = select_tokens(self.policy, self.stores[li].acc, drop[li + 1], self.budgets[li + 1])
+                h, pos, cos, sin = h[:, kept], pos[kept], cos[:, kept], sin[:, kept]
+                weights = weights[kept]
             if compress:
                 self._compact(li, C)
 

@@ -14,6 +14,8 @@ module                 vLLM symbol it patches / registers
 ``model_runner``       ``GPUModelRunner._build_attention_metadata``
 ``attention_backend``  ``AttentionBackendEnum.CPU_ATTN`` / ``CUSTOM`` via
                        ``register_backend``
+``prefill_drop``       ``CPUModelRunner.load_model``, ``GPUModelRunner.load_model``
+                       (hooks on the decoder layers for ``--kv-prefill-drop``)
 ``prefix_cache``       ``KVCacheManager.prefix_cache_lookup_enabled``
 ``request_budget``     ``InputProcessor._validate_params``,
                        ``Scheduler.add_request``, ``Scheduler._free_blocks``
@@ -41,10 +43,11 @@ def apply_all() -> None:
         metrics,
         model_runner,
         platform_config,
+        prefill_drop,
         prefix_cache,
         request_budget,
     )
 
-    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, prefix_cache, free_order,
+    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, prefill_drop, prefix_cache, free_order,
                 request_budget, metrics):
         mod.apply()

@@ -34,6 +34,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_kvcompress import ops
+from vllm_kvcompress.integration import prefill_drop
 from vllm_kvcompress.integration.kv_spec import CompressedAttentionSpec
 from vllm_kvcompress.integration.model_runner import StepContext
 from vllm_kvcompress.policies import get_policy
@@ -66,6 +67,12 @@ class StepPlan:
     block_size: int
     positions: torch.Tensor | None = None  # [num_tokens] true positions (TRACK_POSITIONS only)
     scored: bool = False  # the fused decode kernel already folded this step's scores in
+    # ---- prefill_drop (integration.prefill_drop)
+    drop: object | None = None  # the step's DropPlan (set on the full-length metadata)
+    reduced: object | None = None  # metadata for the layers after layer 0 (fewer query tokens)
+    weights_full: torch.Tensor | None = None  # reduced metadata: query weights of the full-length step
+    track_positions: bool = False
+    bound: int = -1  # the DropPlan.version that weights/positions were gathered for
 
     @property
     def compact_rows(self) -> np.ndarray:
@@ -85,6 +92,7 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
             self.interval = cfg.compress_interval
             # debug/test aid: also track each slot's true token position (moved with compaction)
             self.track_positions = os.environ.get("VLLM_KVCOMPRESS_TRACK_POSITIONS", "0") == "1"
+            self.prefill_drop = cfg.prefill_drop
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         prompt_lens = StepContext.prompt_lens
@@ -92,7 +100,6 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
         if not self.compressed or prompt_lens is None or len(prompt_lens) != cm.num_reqs:
             return super().build(common_prefix_len, cm, fast_build)
         spec = self.kv_cache_spec
-        bs = self.block_size
         qsl = cm.query_start_loc_cpu.numpy().astype(np.int64)
         n = np.diff(qsl)
         seq = cm.seq_lens.cpu().numpy().astype(np.int64)
@@ -100,39 +107,74 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
         rb = StepContext.request_budgets or [None] * len(prompt_lens)
         budget = np.fromiter((spec.budget(p, b) for p, b in zip(prompt_lens, rb)), dtype=np.int64,
                              count=len(prompt_lens))
+        drop = None
+        if self.prefill_drop:  # one plan per step, shared by every group's builder
+            if StepContext.drop_plan is None:
+                StepContext.drop_plan = prefill_drop.plan_for_step(spec, n, c, prompt_lens, StepContext.request_budgets)
+                if StepContext.drop_plan is None:
+                    StepContext.drop_plan = False
+            drop = StepContext.drop_plan or None
+        md = self._build(common_prefix_len, cm, fast_build, n, c, budget, prompt_lens, drop, None)
+        if drop is not None:  # what this group's layers compute after layer 0 dropped tokens
+            md.kvc.drop = drop
+            md.kvc.reduced = self._build(common_prefix_len, cm, fast_build, n, c, budget, prompt_lens, drop,
+                                         drop.counts[max(spec.kv_first_layer, 1)])
+        return md
+
+    def _build(self, common_prefix_len, cm, fast_build, n, c, budget, prompt_lens, drop, kept):
+        """Metadata for the step's tokens, or (``kept`` given) for ``kept[i]`` query tokens of
+        each request, the dropping ones written straight into their window after the step."""
+        bs = self.block_size
         r = _retained(c, budget, self.interval)
         s = (c - r) // bs
         c2 = c + n
         r2 = _retained(c2, budget, self.interval)
         s2 = (c2 - r2) // bs
+        n_eff = n if kept is None else kept
+        if kept is not None:
+            r = np.where(drop.rows, 0, r)
+            s = np.where(drop.rows, s2, s)
+        qsl = np.concatenate([[0], np.cumsum(n_eff)]).astype(np.int64)
         bt = cm.block_table_tensor
-        if np.any(r < c):
+        if kept is not None or np.any(r < c):
             num_reqs, cols = bt.shape[0], bt.shape[1]
             s_t = torch.from_numpy(s)
             idx = (s_t[:, None] + torch.arange(cols)[None, :]).clamp_(max=cols - 1)
             bt_shift = bt.gather(1, idx.to(bt.device))
-            req_of_tok = torch.repeat_interleave(torch.arange(num_reqs), torch.from_numpy(n))
-            k_in_req = torch.arange(int(qsl[-1])) - torch.from_numpy(qsl[:-1])[req_of_tok]
+            t = int(qsl[-1])
+            req_of_tok = torch.repeat_interleave(torch.arange(num_reqs), torch.from_numpy(n_eff))
+            k_in_req = torch.arange(t) - torch.from_numpy(qsl[:-1])[req_of_tok]
             p = torch.from_numpy(r)[req_of_tok] + k_in_req
             entry = s_t[req_of_tok] + p // bs
-            slots = cm.slot_mapping.clone()
-            slots[: int(qsl[-1])] = bt[req_of_tok, entry].long() * bs + p % bs
-            new_seq = torch.from_numpy(r + n).to(cm.seq_lens.dtype)
+            new_slots = bt[req_of_tok, entry].long() * bs + p % bs
+            if kept is None:
+                slots = cm.slot_mapping.clone()
+                slots[:t] = new_slots
+            else:
+                slots = new_slots.to(cm.slot_mapping.dtype)
+            new_seq = torch.from_numpy(r + n_eff).to(cm.seq_lens.dtype)
             cm = dataclasses.replace(cm, seq_lens=new_seq, block_table_tensor=bt_shift, slot_mapping=slots,
-                                     max_seq_len=int((r + n).max()))
+                                     max_seq_len=int((r + n_eff).max()))
+            if kept is not None:
+                q = torch.from_numpy(qsl).to(cm.query_start_loc_cpu.dtype)
+                cm = dataclasses.replace(cm, query_start_loc=q.to(cm.query_start_loc.device), query_start_loc_cpu=q,
+                                         num_actual_tokens=t, max_query_len=int(n_eff.max()))
         md = super().build(common_prefix_len, cm, fast_build)
         weights = None
         max_lens = StepContext.max_lens
         # a request that can never hold more than its budget never evicts: it needs no scores
         needs = np.ones(len(n), dtype=bool) if max_lens is None else max_lens > budget
+        if drop is not None:
+            needs = needs | drop.rows  # its scores pick the tokens deeper layers compute
         if self.policy.needs_attention and needs.any():
             weights = torch.cat([self.policy.query_weights(int(c[i]), int(n[i]), int(c2[i]),
                                                            bool(c[i] < prompt_lens[i])) if needs[i]
                                  else torch.zeros(int(n[i]), dtype=torch.float32) for i in range(len(n))])
-        md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n, prompt_lens=prompt_lens,
-                          budget=budget, retained=r, start=s, retained_after=r2, start_after=s2, weights=weights,
-                          block_size=bs,
-                          positions=cm.positions[: int(qsl[-1])].clone() if self.track_positions else None)
+        positions = cm.positions[: int(qsl[-1])].clone() if self.track_positions and kept is None else None
+        md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n_eff, prompt_lens=prompt_lens,
+                          budget=budget, retained=r, start=s, retained_after=r2, start_after=s2,
+                          weights=weights if kept is None else None, block_size=bs, positions=positions,
+                          weights_full=weights if kept is not None else None, track_positions=self.track_positions)
         return md
 
 
@@ -144,6 +186,13 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
                 output_block_scale=None):
         if attn_metadata is None:
             return output
+        plan = getattr(attn_metadata, "kvc", None)
+        if plan is not None and plan.drop is not None and self._layer_index(layer) > 0:
+            drop = plan.drop
+            attn_metadata = plan.reduced  # this layer computes only the tokens kept so far
+            plan = attn_metadata.kvc
+            plan.drop = drop
+            drop.bind(plan)
         n_tok = attn_metadata.num_actual_tokens
         nb, h, bs, _ = kv_cache.size()
         key_cache, value_cache = kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
@@ -151,7 +200,6 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
                                             attn_metadata.slot_mapping[:n_tok], layer.isa,
                                             k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                                             kv_cache_dtype=self.kv_cache_dtype)
-        plan = getattr(attn_metadata, "kvc", None)
         if plan is not None and self._can_fuse(plan, n_tok):
             # pure decode step: attention and the score update in one pass over the window
             if plan.weights is not None:
@@ -167,8 +215,17 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
         if plan is not None:
-            self._compress(plan, attn_metadata, query, key_cache, value_cache)
+            self._compress(plan, attn_metadata, query, key_cache, value_cache, layer)
         return output
+
+    _index: int | None = None
+
+    def _layer_index(self, layer) -> int:
+        if self._index is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._index = extract_layer_index(layer.layer_name)
+        return self._index
 
     def _can_fuse(self, plan: StepPlan, n_tok: int) -> bool:
         return (FUSED_DECODE and n_tok == len(plan.num_new)
@@ -184,7 +241,7 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         return None  # forward writes the cache (it knows the compacted slots)
 
-    def _compress(self, plan: StepPlan, md, query, key_cache, value_cache) -> None:
+    def _compress(self, plan: StepPlan, md, query, key_cache, value_cache, attn_layer=None) -> None:
         if not self._layout_checked:
             ops.check_layout(key_cache, value_cache)
             type(self)._layout_checked = True
@@ -196,6 +253,8 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
             ops.window_scores(query[:t].view(t, self.num_heads, self.head_size), torch.from_numpy(plan.query_start),
                               layer.k_t, md.block_table, md.seq_lens, torch.from_numpy(plan.retained),
                               plan.weights, self.scale, self._acc)
+        if plan.drop is not None and plan.drop.shrinks_after(self._layer_index(attn_layer)):
+            plan.drop.select(self._layer_index(attn_layer), plan, layer)  # before compaction moves the scores
         if plan.positions is not None:
             self._track_new(plan, md, value_cache)
         rows = plan.compact_rows

@@ -2,7 +2,7 @@
 ``EngineArgs.from_cli_args``.
 
 Adds ``--kv-policy``, ``--kv-budget``, ``--kv-recent-window``, ``--kv-sinks``,
-``--kv-compress-interval`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
+``--kv-compress-interval``, ``--kv-prefill-drop`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
 (``vllm serve``, ``vllm bench ...``), and moves their values into
 ``additional_config["kv_compress"]`` — the same place offline users put them:
 ``LLM(..., additional_config={"kv_compress": {...}})``. Explicit flags override
@@ -25,6 +25,7 @@ FLAGS = {
     "kv_recent_window": "recent_window",
     "kv_sinks": "sinks",
     "kv_compress_interval": "compress_interval",
+    "kv_prefill_drop": "prefill_drop",
 }
 
 
@@ -43,6 +44,9 @@ def add_flags(parser) -> None:
                    help="Oldest tokens always kept per layer (default: the policy's).")
     g.add_argument("--kv-compress-interval", type=int, default=None,
                    help="A layer grows this many tokens past its budget before compacting (default 32).")
+    g.add_argument("--kv-prefill-drop", action="store_true", default=None,
+                   help="PyramidInfer only: in prefill, deeper layers compute only the tokens they keep "
+                        "(drops the other tokens' hidden states, as the reference does). Needs --enforce-eager.")
     g.add_argument("--kv-config", default=None, metavar="FILE.yaml",
                    help="YAML file with a kv_compress mapping (see configs/); flags override it.")
 
@@ -81,7 +85,9 @@ def apply() -> None:
                                            speculative=engine_args.speculative_config is not None,
                                            kv_transfer=engine_args.kv_transfer_config is not None,
                                            disable_hma=bool(engine_args.disable_hybrid_kv_cache_manager),
-                                           block_size=engine_args.block_size)
+                                           block_size=engine_args.block_size,
+                                           eager=bool(engine_args.enforce_eager),
+                                           parallel=engine_args.tensor_parallel_size * engine_args.pipeline_parallel_size)
             except ConfigError as e:
                 sys.exit(f"vllm: error: {e}")
             if cfg is not None:

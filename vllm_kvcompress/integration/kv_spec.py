@@ -51,6 +51,10 @@ class CompressedAttentionSpec(FullAttentionSpec):
         return _stage_budget(self.kv_config, self.kv_num_layers, self.kv_first_layer, int(prompt_len),
                              request_budget)
 
+    def budget_of_layer(self, layer: int, prompt_len: int, request_budget: float | int | None = None) -> int:
+        """:meth:`budget` of model layer ``layer`` (any stage)."""
+        return _stage_budget(self.kv_config, self.kv_num_layers, layer, int(prompt_len), request_budget)
+
     @property
     def num_layers_in_stage(self) -> int:
         return len(stages_for(self.compress_config, self.kv_num_layers)[self.kv_stage])

@@ -26,6 +26,9 @@ class StepContext:
     request_budgets: list | None = None
     #: per request in batch order: the most tokens it can ever hold (prompt + max_tokens)
     max_lens: np.ndarray | None = None
+    #: the step's prefill_drop.DropPlan, built by the first compressed group's builder
+    #: (False: no request drops this step)
+    drop_plan: object | None = None
 
 
 def _request_info(runner, num_reqs: int, prompt_lens: np.ndarray) -> tuple[list | None, np.ndarray]:
@@ -53,6 +56,7 @@ def apply() -> None:
     def wrap(original):
         def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
             batch = self.input_batch
+            StepContext.drop_plan = None
             if batch.num_reqs >= num_reqs > 0:
                 StepContext.prompt_lens = batch.num_prompt_tokens[:num_reqs].astype(np.int64)
                 StepContext.request_budgets, StepContext.max_lens = _request_info(
@@ -64,6 +68,7 @@ def apply() -> None:
             finally:
                 StepContext.prompt_lens = None
                 StepContext.request_budgets = StepContext.max_lens = None
+                StepContext.drop_plan = None
         return _build_attention_metadata
 
     patch_method(GPUModelRunner, "_build_attention_metadata", wrap)

@@ -16,7 +16,8 @@ from vllm_kvcompress.integration.common import kv_config_of, logger, patch_metho
 DEFAULT_BLOCK_SIZE = 32
 
 
-def refuse(cfg, *, speculative: bool, kv_transfer: bool, disable_hma: bool, block_size: int | None) -> None:
+def refuse(cfg, *, speculative: bool, kv_transfer: bool, disable_hma: bool, block_size: int | None,
+           eager: bool = True, parallel: int = 1) -> None:
     """Raise a one-line :class:`ConfigError` for a setting that cannot run with eviction.
 
     Called by :func:`adjust` (every engine) and, earlier, by ``cli_args`` on the
@@ -37,6 +38,12 @@ def refuse(cfg, *, speculative: bool, kv_transfer: bool, disable_hma: bool, bloc
     if disable_hma:
         raise ConfigError("kv_compress.policy: needs vLLM's hybrid KV-cache manager; "
                           "drop --disable-hybrid-kv-cache-manager or use --kv-policy none")
+    if cfg.prefill_drop and not eager:
+        raise ConfigError("kv_compress.prefill_drop: needs --enforce-eager (the number of tokens changes between "
+                          "layers inside the forward pass, which torch.compile cannot trace)")
+    if cfg.prefill_drop and parallel > 1:
+        raise ConfigError("kv_compress.prefill_drop: needs --tensor-parallel-size 1 and --pipeline-parallel-size 1 "
+                          "(each rank would pick different tokens from its own heads)")
     bs = block_size or DEFAULT_BLOCK_SIZE
     if not cfg.keeps_all and not cfg.budget_is_fraction and cfg.budget < bs:
         raise ConfigError(f"kv_compress.budget: {cfg.budget} tokens is below the page size (--block-size {bs}); "
@@ -54,7 +61,10 @@ def adjust(vllm_config) -> None:
     refuse(cfg, speculative=vllm_config.speculative_config is not None,
            kv_transfer=vllm_config.kv_transfer_config is not None,
            disable_hma=bool(sched.disable_hybrid_kv_cache_manager),
-           block_size=cache.block_size if user_bs else None)
+           block_size=cache.block_size if user_bs else None,
+           eager=bool(model is None or model.enforce_eager),
+           parallel=vllm_config.parallel_config.tensor_parallel_size
+           * vllm_config.parallel_config.pipeline_parallel_size)
     if not user_bs:
         cache.block_size = DEFAULT_BLOCK_SIZE
     if model is not None:

@@ -9,12 +9,13 @@ oracle share. See ``docs/policies.md``.
 from __future__ import annotations
 
 from ..config import POLICY_NAMES, KVCompressConfig
-from .base import BasePolicy, NoPolicy, ceil_ratio, compress_step, group_mean, select
+from .base import BasePolicy, NoPolicy, ceil_ratio, compress_step, group_mean, select, select_tokens
 from .h2o import H2OPolicy
 from .pyramid import PyramidInferPolicy
 from .schedule import (
     UNBOUNDED,
     budget_floor,
+    drop_counts,
     layer_budgets,
     max_slots,
     retained_count,
@@ -36,6 +37,8 @@ __all__ = [
     "StreamingLLMPolicy",
     "select",
     "compress_step",
+    "select_tokens",
+    "drop_counts",
     "group_mean",
     "ceil_ratio",
     "UNBOUNDED",

@@ -37,6 +37,7 @@ __all__ = [
     "IntOrTensor",
     "select",
     "compress_step",
+    "select_tokens",
     "ceil_ratio",
     "group_mean",
     "pool_scores",
@@ -235,6 +236,30 @@ def compress_step(
         new_acc = acc.to(torch.float32).gather(-1, kept.clamp_min(0))
         new_acc = new_acc.masked_fill(kept < 0, 0.0)
     return kept, new_acc
+
+
+def select_tokens(
+    policy: BasePolicy,
+    acc: torch.Tensor,
+    keep: IntOrTensor,
+    budget: IntOrTensor,
+    valid_len: IntOrTensor | None = None,
+) -> torch.LongTensor:
+    """Tokens (not per-head slots) a deeper layer goes on computing in prefill.
+
+    PyramidInfer drops the hidden states of the tokens a layer does not keep, so
+    the choice is one set for all heads: the policy's scores (``[..., H_kv, K]``)
+    averaged over KV heads, then :func:`select` with the sinks / recent window of
+    ``budget``. The last valid slot (the token whose logits are sampled) is always
+    kept. Returns ``[..., max(min(keep, valid_len))]`` ascending, ``-1`` padded.
+    """
+    sinks, recent = policy.sinks_recent(budget)
+    scores = policy.score(acc, valid_len).to(torch.float32).mean(dim=-2, keepdim=True)
+    if isinstance(recent, torch.Tensor):
+        recent = recent.clamp_min(1)
+    else:
+        recent = max(int(recent), 1)
+    return select(scores, keep, sinks, recent, valid_len)[..., 0, :]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ __all__ = [
     "num_stages_for",
     "retained_count",
     "max_slots",
+    "drop_counts",
     "budget_floor",
     "pyramidinfer_shape",
     "pyramidkv_budgets",
@@ -46,6 +47,21 @@ def retained_count(num_computed: int, budget: int, interval: int) -> int:
 def max_slots(budget: int, interval: int, chunk: int) -> int:
     """Most KV slots a layer ever needs during a step that computes ``chunk`` tokens."""
     return budget + interval - 1 + chunk
+
+
+def drop_counts(budgets: list[int], prompt_len: int, interval: int) -> list[int] | None:
+    """Tokens the layers of each stage compute when a whole prompt is prefilled with
+    ``prefill_drop`` (layer 0 always computes all ``prompt_len``).
+
+    Stage ``g`` computes ``k_g = retained_count(prompt_len, budgets[g], interval)``
+    tokens, exactly what it holds after the step, so it never compacts in prefill.
+    Each stage's tokens are chosen among the previous stage's, so the counts must
+    not grow with depth; returns None when they do or when nothing is dropped.
+    """
+    k = [retained_count(prompt_len, b, interval) for b in budgets]
+    if any(b > a for a, b in zip(k, k[1:])) or k[-1] >= prompt_len:
+        return None
+    return k
 
 
 # ---------------------------------------------------------------------------- stages
