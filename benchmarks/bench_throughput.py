@@ -424,11 +424,21 @@ def main_table(runner: Runner, args) -> dict:
         prefill = runner.throughput("vanilla prefill only (1 output token)", [], n=min(n, args.prefill_prompts),
                                     input_len=L, output_len=1, dataset_n=n)
         prefill["kind"] = "prefill-bound"
+    # prefill compute with --kv-prefill-drop (the first retention): what it cuts
+    prefill_drop = []
+    if not args.no_prefill_bound and args.retentions:
+        ret = args.retentions[0]
+        for p in args.policies:
+            if p.endswith("+drop"):
+                r = runner.throughput(f"{p} {ret:.1%} prefill only (1 output token)", policy_flags(p, str(ret)),
+                                      n=min(n, args.prefill_prompts), input_len=L, output_len=1, dataset_n=n)
+                r.update(kind="prefill-bound", policy=p, retention=ret)
+                prefill_drop.append(r)
     for r in runs:
         r["vs_vanilla"] = {k: ratio(r[k], van[k]) for k in
                            ("requests_per_s", "output_tokens_per_s", "peak_running", "mean_running",
                             "pool_share_per_req", "kv_token_slots_per_req_all_layers", "kv_capacity_reqs")}
-    return {"runs": runs, "prefill_bound": prefill, "seconds": time.time() - t0,
+    return {"runs": runs, "prefill_bound": prefill, "prefill_drop": prefill_drop, "seconds": time.time() - t0,
             "dataset": runner.dataset(n, L, O)}
 
 
@@ -449,9 +459,16 @@ def targets_and_bounds(table: dict, args) -> tuple[list[dict], list[str]]:
         t_pre = pre["elapsed_s"] / pre["num_prompts"]
         cap = 1.0 / t_pre
         lines.append(f"prefill compute: the prefill-only run takes {t_pre:.2f} s per ~{pre['mean_prompt_tokens'] or 0:.0f}-token "
-                     f"prompt on this machine, so no KV saving can exceed {cap:.3f} req/s = "
-                     f"{cap / van['requests_per_s']:.2f}x vanilla (decode free); vanilla spends "
-                     f"~{min(t_pre * n / van['elapsed_s'], 1.0):.0%} of its time on prefill.")
+                     f"prompt on this machine, so a run whose every layer computes every prompt token cannot exceed "
+                     f"{cap:.3f} req/s = {cap / van['requests_per_s']:.2f}x vanilla (decode free), whatever KV it saves; "
+                     f"vanilla spends ~{min(t_pre * n / van['elapsed_s'], 1.0):.0%} of its time on prefill.")
+    ceilings = {}
+    for d in table.get("prefill_drop") or []:
+        t_d = d["elapsed_s"] / d["num_prompts"]
+        ceilings[d["policy"]] = 1.0 / t_d / van["requests_per_s"]
+        lines.append(f"prefill compute with --kv-prefill-drop ({d['label'].split(' prefill')[0]}): {t_d:.2f} s per prompt"
+                     + (f", {t_d / t_pre:.2f}x vanilla's" if pre else "")
+                     + f" (deeper layers compute only the tokens they keep): ceiling {ceilings[d['policy']]:.2f}x vanilla.")
     if van.get("num_blocks") and van.get("block_size"):
         per_req_tokens = van["input_len"] + van["output_len"]
         fit = van["num_blocks"] // math.ceil(per_req_tokens / van["block_size"])
@@ -478,7 +495,9 @@ def targets_and_bounds(table: dict, args) -> tuple[list[dict], list[str]]:
                      f"mean running {fmt(r['mean_running'], '.1f')}; "
                      f"requests/s {fx(rq)}" + (
                          f" of a prefill-bound ceiling of {1.0 / (pre['elapsed_s'] / pre['num_prompts']) / van['requests_per_s']:.2f}x"
-                         if pre else ""))
+                         if pre and not r["policy"].endswith("+drop") else "") + (
+                         f" (prefill-only ceiling at {table['prefill_drop'][0]['retention']:.1%}: "
+                         f"{ceilings[r['policy']]:.2f}x)" if r["policy"] in ceilings else ""))
     if not van.get("stats"):
         lines.append("stats file: not written (VLLM_KVCOMPRESS_STATS_FILE not supported by this plugin build): "
                      "running-request and page figures are n/a.")
@@ -514,6 +533,9 @@ def print_table(table: dict, args) -> tuple[str, list, list]:
     if pre:
         out.append(f"prefill only (vanilla, 1 output token): {pre['requests_per_s']:.3f} req/s "
                    f"({pre['elapsed_s'] / pre['num_prompts']:.2f} s per prompt)")
+    for d in table.get("prefill_drop") or []:
+        out.append(f"prefill only ({d['label']}): {d['requests_per_s']:.3f} req/s "
+                   f"({d['elapsed_s'] / d['num_prompts']:.2f} s per prompt)")
     text = "\n".join(out)
     print("\n" + text)
     return text, cols, rows
@@ -781,6 +803,9 @@ def write_main_md(path: Path, table: dict, text: str, cols, rows, checks, bounds
     if pre:
         L += ["", f"Prefill only (vanilla, 1 output token): {pre['requests_per_s']:.3f} req/s, "
                   f"{pre['elapsed_s'] / pre['num_prompts']:.2f} s per prompt."]
+    for d in table.get("prefill_drop") or []:
+        L += ["", f"Prefill only ({d['label']}): {d['requests_per_s']:.3f} req/s, "
+                  f"{d['elapsed_s'] / d['num_prompts']:.2f} s per prompt."]
     L += ["", "Columns: *peak run* / *mean run* = running requests per engine step (peak, mean over steps with any "
               "running); *pages/req* = KV pages in use / running requests, averaged over steps; *pages x bs* = that x "
               "page size (token slots per page; with a policy on, a page holds one KV-cache group's layers only); "
@@ -796,7 +821,7 @@ def write_main_md(path: Path, table: dict, text: str, cols, rows, checks, bounds
     L += ["", "## Command", "", "```bash", command, "```", "",
           "Each run is one `vllm bench throughput` subprocess (through `benchmarks/vllm_cli_custom_dataset.py`, the "
           "`vllm` entry point with `--dataset-name custom` allowed); per run:", "", "```bash"]
-    for r in table["runs"] + ([pre] if pre else []):
+    for r in table["runs"] + ([pre] if pre else []) + list(table.get("prefill_drop") or []):
         L.append(r["command"].replace(str(Path(table["dataset"]["path"]).parent), "$WORK"))
     L += ["```", ""]
     path.write_text("\n".join(L))
@@ -806,7 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policies", type=csv_list(str), default=None, help="main table policies (default pyramid,h2o)")
+    ap.add_argument("--policies", type=csv_list(str), default=None, help="main table policies (default pyramid,pyramid+drop,h2o; pyramid+drop = "
+                         "--kv-policy pyramid --kv-prefill-drop)")
     ap.add_argument("--retentions", type=csv_list(float), default=None, help="default 0.25,0.125")
     ap.add_argument("--num-prompts", type=int, default=None, help="main table prompts (default 12)")
     ap.add_argument("--input-len", type=int, default=None, help="prompt tokens incl. chat template (default 1920)")
@@ -843,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
 
     q = args.quick
     defaults = {
-        "policies": ["pyramid"] if q else ["pyramid", "h2o"], "retentions": [0.25, 0.125],
+        "policies": ["pyramid", "pyramid+drop"] if q else ["pyramid", "pyramid+drop", "h2o"], "retentions": [0.25, 0.125],
         "num_prompts": 6 if q else 12, "input_len": 512 if q else 1920, "output_len": 32 if q else 128,
         "block_size": 32, "kv_bytes": 48 * MIB if q else 256 * MIB, "max_model_len": 1024 if q else 4096,
         "scaling_input_lens": [256, 512, 960] if q else [1024, 1920, 3968],

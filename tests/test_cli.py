@@ -81,6 +81,9 @@ def test_bad_flags_fail_at_startup_in_one_line(argv, needle, model_dir):
       '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}'], "speculative decoding"),
     (["--kv-policy", "h2o", "--kv-transfer-config",
       '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}'], "--kv-transfer-config"),
+    (["--kv-policy", "pyramid", "--kv-budget", "0.25", "--kv-prefill-drop"], "prefill_drop: needs --enforce-eager"),
+    (["--kv-policy", "h2o", "--kv-budget", "0.25", "--kv-prefill-drop", "--enforce-eager"],
+     "prefill_drop: only with policy 'pyramid'"),
 ])
 def test_unsupported_settings_refused_at_parse_time(parser, argv, needle):
     with pytest.raises(SystemExit) as e:

@@ -266,3 +266,11 @@ def test_request_budget_refuses_in_one_line(server, value, needle):
         request_budget(KVCompressConfig.from_dict(server), value, block_size=32)
     msg = str(e.value)
     assert msg.startswith("kv_budget: ") and needle in msg and "\n" not in msg, msg
+
+
+def test_prefill_drop_only_with_pyramid():
+    assert KVCompressConfig(policy="pyramid", budget=0.25, prefill_drop=True).prefill_drop
+    assert _err(policy="h2o", budget=0.25, prefill_drop=True) == (
+        "kv_compress.prefill_drop: only with policy 'pyramid' (the PyramidInfer reference), got policy 'h2o'")
+    assert _err(policy="pyramid", budget=0.25, prefill_drop="yes").startswith(
+        "kv_compress.prefill_drop: must be true or false")

@@ -104,6 +104,42 @@ def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypa
         close_llm(llm)
 
 
+def test_prefill_drop_in_a_mixed_batch_matches_oracle(model_dir, hf_model, prompt_ids):
+    """Two prompts drop tokens in the same step, behind another request's decode token
+    (the reduced metadata has a non-dropping row first and two dropping rows of
+    different lengths); each request generates what the dense oracle generates alone."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kv = {"policy": "pyramid", "budget": 256, "prefill_drop": True}
+    oracle = DenseOracle(KVCompressConfig.from_dict(kv), model=hf_model)
+    n_out = 32
+    llm = make_llm(model_dir, kv, max_num_batched_tokens=8192)
+    try:
+        eng = llm.llm_engine
+        sched = scheduler_of(llm)
+        greedy = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+        eng.add_request("mix-a", TokensPrompt(prompt_token_ids=prompt_ids[0]), greedy)
+        eng.step()  # a: its prefill alone
+        for rid, ids in (("mix-b", prompt_ids[1]), ("mix-c", prompt_ids[2])):
+            eng.add_request(rid, TokensPrompt(prompt_token_ids=ids), greedy)
+        outs = {}
+        for o in eng.step():  # a's decode token + the whole prompts of b and c
+            assert not o.finished
+        computed = {k.split("-")[1]: r.num_computed_tokens for k, r in sched.requests.items()}
+        assert computed["b"] == len(prompt_ids[1]) and computed["c"] == len(prompt_ids[2]), computed
+        assert computed["a"] == len(prompt_ids[0]) + 1
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    outs[o.request_id.split("-")[1]] = list(o.outputs[0].token_ids)
+        for name, ids in zip("abc", prompt_ids):
+            want, _ = oracle.generate(ids, n_out, eos_token_id=None)
+            assert outs[name] == want, name
+    finally:
+        close_llm(llm)
+
+
 def test_request_budget_matches_oracle_at_that_budget(model_dir, hf_model, prompt_ids):
     """A request that lowers its own budget (SamplingParams.extra_args["kv_budget"])
     holds the pages of the lower budget in every group (scheduler side) and

@@ -14,10 +14,12 @@ from vllm_kvcompress.policies import (
     SnapKVPolicy,
     StreamingLLMPolicy,
     compress_step,
+    drop_counts,
     get_policy,
     group_mean,
     retained_count,
     select,
+    select_tokens,
 )
 
 
@@ -287,3 +289,25 @@ def test_sinks_recent_vectorised():
     pol = PyramidInferPolicy(obs_window_ratio=0.2, kernel=1)
     assert pol.sinks_recent(b)[1].tolist() == [pol.sinks_recent(int(x))[1] for x in b] == [20, 11, 2]
     assert StreamingLLMPolicy().sinks_recent(b)[1].tolist() == [96, 47, 3]
+
+
+def test_select_tokens_one_set_for_all_heads():
+    """prefill_drop keeps one token set: the head-mean of the policy's scores, sinks and
+    recent window of the target budget, and always the last token."""
+    p = PyramidInferPolicy(sinks=1, recent_window=0, kernel=1)
+    acc = torch.tensor([[0.0, 9.0, 0.0, 0.0, 1.0, 0.0, 0.0],    # head 0 likes slot 1
+                        [0.0, 0.0, 0.0, 8.0, 1.0, 0.0, 0.0]])   # head 1 likes slot 3
+    # per head, select would keep {0, 1 or 3, 6}; one set for both heads: slots 1 and 3 by the mean
+    assert select_tokens(p, acc, keep=4, budget=4).tolist() == [0, 1, 3, 6]  # 6: the last token
+    assert select_tokens(p, acc, keep=3, budget=3).tolist() == [0, 1, 6]
+    # batched, with a shorter valid length in the second row
+    b = select_tokens(p, torch.stack([acc, acc]), keep=torch.tensor([3, 3]), budget=torch.tensor([3, 3]),
+                      valid_len=torch.tensor([7, 4]))
+    assert b.tolist() == [[0, 1, 6], [0, 1, 3]]
+
+
+def test_drop_counts_nested_or_none():
+    # retained_count(1000, b, 32) = b + (1000 - b) % 32
+    assert drop_counts([600, 600, 300, 100], 1000, 32) == [616, 616, 328, 104]
+    assert drop_counts([600, 700, 300], 1000, 32) is None  # a deeper layer would need tokens already dropped
+    assert drop_counts([2000, 2000], 1000, 32) is None  # nothing is dropped

@@ -6,9 +6,10 @@ the attention of the recent ``recent_ratio`` (0.2) of the sequence, each
 recent query weighted by ``linspace(1.0, distance_weight=1.2)`` (oldest ->
 newest), averaged over heads; 4 sink tokens are always kept; then it drops the
 *hidden states* of the unselected tokens so deeper layers compute fewer KV
-entries. vLLM cannot drop hidden states in the middle of a forward pass, so we
-keep the scoring and the per-layer retention (the pyramid, see
-``schedule.pyramidinfer_shape``) but evict KV entries per layer instead.
+entries. We keep the scoring and the per-layer retention (the pyramid, see
+``schedule.pyramidinfer_shape``) and evict KV entries per layer and KV head; with
+``prefill_drop`` a whole-prompt prefill also drops the hidden states, one token
+set for all heads (``base.select_tokens``, ``schedule.drop_counts``).
 
 One deviation by default: the scores are max-pooled along keys (``kernel`` 7, as
 SnapKV's LongBench configuration) before the top-k. The reference ranks single
