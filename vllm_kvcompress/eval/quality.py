@@ -63,6 +63,9 @@ from vllm_kvcompress.config import KVCompressConfig
 
 # ----------------------------------------------------------------------------- defaults
 POLICIES = ("h2o", "pyramid", "snapkv", "streaming")
+#: also accepted by --policies: pyramid with --kv-prefill-drop (deeper layers compute only their
+#: kept tokens when a prompt is prefilled in one step; the chunked perplexity runs never drop)
+VARIANTS = ("pyramid+drop",)
 RETENTIONS = (0.5, 0.25, 0.125)
 LENGTHS = (1024, 2048, 4096)
 PASSKEY_DEPTHS = 10
@@ -290,8 +293,17 @@ def engine_kwargs(policy: str, retention: float, kind: str) -> dict:
     else:  # retrieval: each prompt is prefilled in one step
         kw.update(max_num_batched_tokens=MAX_MODEL_LEN, enable_chunked_prefill=False)
     if policy != "full":
-        kw["additional_config"] = {"kv_compress": {"policy": policy, "budget": retention}}
+        kw["additional_config"] = {"kv_compress": kv_settings(policy, retention)}
     return kw
+
+
+def kv_settings(policy: str, retention: float) -> dict:
+    """The kv_compress mapping of a grid entry (``pyramid+drop``: pyramid with prefill_drop)."""
+    base, _, variant = policy.partition("+")
+    d: dict[str, Any] = {"policy": base, "budget": retention}
+    if variant == "drop":
+        d["prefill_drop"] = True
+    return d
 
 
 def _tqdm_factory(desc: str):
@@ -402,7 +414,7 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
             continue
         run: dict[str, Any] = dict(policy=policy, retention=retention, seconds={})
         if policy != "full":  # the resolved settings (policy defaults included) this run used
-            run["kv_compress"] = dataclasses.asdict(KVCompressConfig(policy=policy, budget=retention))
+            run["kv_compress"] = dataclasses.asdict(KVCompressConfig(**kv_settings(policy, retention)))
         t0 = time.perf_counter()
         jobs = []
         if prompts["passkey"] or prompts["multikey"]:
@@ -647,8 +659,8 @@ def _ints(s: str) -> tuple[int, ...]:
 def _policies(s: str) -> tuple[str, ...]:
     vals = tuple(x.strip() for x in s.split(",") if x.strip())
     for v in vals:
-        if v not in POLICIES:
-            raise argparse.ArgumentTypeError(f"unknown policy {v!r} (choose from {', '.join(POLICIES)})")
+        if v not in POLICIES + VARIANTS:
+            raise argparse.ArgumentTypeError(f"unknown policy {v!r} (choose from {', '.join(POLICIES + VARIANTS)})")
     return vals
 
 
