@@ -118,12 +118,13 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
         if drop is not None:  # what this group's layers compute after layer 0 dropped tokens
             md.kvc.drop = drop
             md.kvc.reduced = self._build(common_prefix_len, cm, fast_build, n, c, budget, prompt_lens, drop,
-                                         drop.counts[max(spec.kv_first_layer, 1)])
+                                         drop.counts[max(spec.kv_first_layer, 1)], md.kvc.weights)
         return md
 
-    def _build(self, common_prefix_len, cm, fast_build, n, c, budget, prompt_lens, drop, kept):
+    def _build(self, common_prefix_len, cm, fast_build, n, c, budget, prompt_lens, drop, kept, weights_full=None):
         """Metadata for the step's tokens, or (``kept`` given) for ``kept[i]`` query tokens of
-        each request, the dropping ones written straight into their window after the step."""
+        each request, the dropping ones written straight into their window after the step
+        (their query weights: ``weights_full``, the full-length step's, gathered per layer)."""
         bs = self.block_size
         r = _retained(c, budget, self.interval)
         s = (c - r) // bs
@@ -160,6 +161,12 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
                 cm = dataclasses.replace(cm, query_start_loc=q.to(cm.query_start_loc.device), query_start_loc_cpu=q,
                                          num_actual_tokens=t, max_query_len=int(n_eff.max()))
         md = super().build(common_prefix_len, cm, fast_build)
+        if kept is not None:
+            md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n_eff,
+                              prompt_lens=prompt_lens, budget=budget, retained=r, start=s, retained_after=r2,
+                              start_after=s2, weights=None, block_size=bs, weights_full=weights_full,
+                              track_positions=self.track_positions)
+            return md
         weights = None
         max_lens = StepContext.max_lens
         # a request that can never hold more than its budget never evicts: it needs no scores
@@ -170,11 +177,10 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
             weights = torch.cat([self.policy.query_weights(int(c[i]), int(n[i]), int(c2[i]),
                                                            bool(c[i] < prompt_lens[i])) if needs[i]
                                  else torch.zeros(int(n[i]), dtype=torch.float32) for i in range(len(n))])
-        positions = cm.positions[: int(qsl[-1])].clone() if self.track_positions and kept is None else None
-        md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n_eff, prompt_lens=prompt_lens,
-                          budget=budget, retained=r, start=s, retained_after=r2, start_after=s2,
-                          weights=weights if kept is None else None, block_size=bs, positions=positions,
-                          weights_full=weights if kept is not None else None, track_positions=self.track_positions)
+        md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n, prompt_lens=prompt_lens,
+                          budget=budget, retained=r, start=s, retained_after=r2, start_after=s2, weights=weights,
+                          block_size=bs,
+                          positions=cm.positions[: int(qsl[-1])].clone() if self.track_positions else None)
         return md
 
 
@@ -241,7 +247,7 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         return None  # forward writes the cache (it knows the compacted slots)
 
-    def _compress(self, plan: StepPlan, md, query, key_cache, value_cache, attn_layer=None) -> None:
+    def _compress(self, plan: StepPlan, md, query, key_cache, value_cache, attn_layer) -> None:
         if not self._layout_checked:
             ops.check_layout(key_cache, value_cache)
             type(self)._layout_checked = True

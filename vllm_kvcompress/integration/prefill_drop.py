@@ -91,7 +91,7 @@ class DropPlan:
         if plan.weights_full is not None:
             plan.weights = plan.weights_full[rows]
         if plan.track_positions and self.positions is not None:
-            plan.positions = self.positions[rows].clone()
+            plan.positions = (self.cur_positions if self.cur is not None else self.positions[rows]).clone()
         plan.bound = self.version
 
 
