@@ -44,6 +44,8 @@ def test_fixed_recent():
     assert KVCompressConfig(policy="snapkv", budget=0.5, snapkv_window=16).fixed_recent == 16
     assert KVCompressConfig(policy="h2o", budget=0.5).fixed_recent is None
     assert KVCompressConfig(policy="h2o", budget=0.5, recent_window=10).fixed_recent == 10
+    assert KVCompressConfig(policy="pyramid", budget=0.5).fixed_recent == 32  # the observation window
+    assert KVCompressConfig(policy="pyramid", budget=0.5, pyramid_window=0).fixed_recent is None  # reference ratio
 
 
 def test_budget_kinds():
@@ -155,7 +157,7 @@ def test_negative_windows(name):
     assert _err(policy="h2o", budget=0.5, **{name: -1}) == f"kv_compress.{name}: must be >= 0 or null (policy default), got -1"
 
 
-@pytest.mark.parametrize("name", ["compress_interval", "min_layer_budget", "num_stages", "snapkv_window"])
+@pytest.mark.parametrize("name", ["compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "h2o_window"])
 def test_sizes_at_least_one(name):
     assert _err(policy="h2o", budget=0.5, **{name: 0}) == f"kv_compress.{name}: must be an integer >= 1, got 0"
     assert _err(policy="h2o", budget=0.5, **{name: -4}).startswith(f"kv_compress.{name}: must be an integer >= 1")
@@ -170,6 +172,18 @@ def test_non_integer_sizes(name):
 def test_snapkv_kernel_odd():
     assert _err(policy="snapkv", budget=0.5, snapkv_kernel=4) == "kv_compress.snapkv_kernel: must be an odd integer >= 1, got 4"
     assert _err(policy="pyramid", budget=0.5, pyramid_kernel=0) == "kv_compress.pyramid_kernel: must be an odd integer >= 1, got 0"
+    assert _err(policy="h2o", budget=0.5, h2o_kernel=2) == "kv_compress.h2o_kernel: must be an odd integer >= 1, got 2"
+
+
+def test_retrieval_options_refused_in_one_line():
+    assert _err(policy="pyramid", budget=0.5, pyramid_window=-1) == \
+        "kv_compress.pyramid_window: must be an integer >= 0 (0 = obs_window_ratio of the context), got -1"
+    assert _err(policy="h2o", budget=0.5, h2o_window_weight=-0.5) == \
+        "kv_compress.h2o_window_weight: must be >= 0 (0 = reference H2O), got -0.5"
+    assert _err(policy="h2o", budget=0.5, h2o_window_weight="big") == "kv_compress.h2o_window_weight: must be a number, got 'big'"
+    assert _err(policy="snapkv", budget=0.5, reset_scores="yes") == "kv_compress.reset_scores: must be true or false, got 'yes'"
+    cfg = KVCompressConfig(policy="h2o", budget=0.5, h2o_window_weight=0, pyramid_window=0, reset_scores=True)
+    assert (cfg.h2o_window_weight, cfg.pyramid_window, cfg.reset_scores) == (0, 0, True)
 
 
 @pytest.mark.parametrize("v", [0, 1.5, -0.1])

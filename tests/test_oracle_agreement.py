@@ -43,8 +43,9 @@ def _worker_layers(llm):
 
 
 @pytest.mark.parametrize("kv", [{"policy": "h2o", "budget": 256}, {"policy": "pyramid", "budget": 256},
+                                {"policy": "snapkv", "budget": 256},
                                 {"policy": "pyramid", "budget": 256, "prefill_drop": True}],
-                         ids=["h2o", "pyramid", "pyramid-prefill-drop"])
+                         ids=["h2o", "pyramid", "snapkv", "pyramid-prefill-drop"])
 def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypatch):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

@@ -32,11 +32,11 @@ class Layer:
         self.pos = torch.zeros(h_kv, 0, dtype=torch.long)
         self.C = 0
 
-    def step(self, probs, is_prefill=False):
+    def step(self, probs, is_prefill=False, prompt_len=None):
         """probs: [H_q, Q, n + Q] over the retained keys + this step's keys."""
         Q = probs.shape[-2]
         start, self.C = self.C, self.C + Q
-        w = self.policy.query_weights(start, Q, self.C, is_prefill)
+        w = self.policy.query_weights(start, Q, self.C, is_prefill, prompt_len)
         self.acc = self.policy.accumulate(self.acc, probs, w)
         self.pos = torch.cat([self.pos, torch.arange(start, self.C).expand(self.pos.shape[0], Q)], dim=1)
         keep = retained_count(self.C, self.budget, self.interval)
@@ -62,7 +62,7 @@ H2O_TRACE = [
 
 
 def test_h2o_hand_trace_cache_of_3():
-    layer = Layer(H2OPolicy(), budget=3)  # recent = 3 // 2 = 1, sinks 0
+    layer = Layer(H2OPolicy(kernel=1), budget=3)  # recent = 3 // 2 = 1, sinks 0
     for probs, expected in H2O_TRACE:
         assert layer.step(_p(probs))[0].tolist() == expected
     # H2O keeps the accumulated scores of the survivors
@@ -78,7 +78,7 @@ def test_h2o_tie_older_loses_in_select():
 
 
 def test_interval_batches_compaction():
-    layer = Layer(H2OPolicy(), budget=3, interval=2)
+    layer = Layer(H2OPolicy(kernel=1), budget=3, interval=2)
     sizes = []
     rows = [[1.0], [0.5, 0.5], [0.25, 0.25, 0.5], [0.125, 0.25, 0.5, 0.125], [0.25, 0.125, 0.25, 0.25, 0.125]]
     for r in rows:
@@ -89,7 +89,7 @@ def test_interval_batches_compaction():
 
 
 def test_context_shorter_than_budget_keeps_all():
-    for pol in (H2OPolicy(), PyramidInferPolicy(), SnapKVPolicy(window=2), StreamingLLMPolicy()):
+    for pol in (H2OPolicy(kernel=1), PyramidInferPolicy(), SnapKVPolicy(window=2), StreamingLLMPolicy()):
         layer = Layer(pol, budget=10, interval=1)
         probs = torch.softmax(torch.randn(1, 6, 6), -1).tril()
         assert layer.step(probs, is_prefill=True)[0].tolist() == list(range(6))
@@ -97,7 +97,7 @@ def test_context_shorter_than_budget_keeps_all():
 
 
 def test_prefill_chunk_then_decode_h2o():
-    layer = Layer(H2OPolicy(), budget=4, interval=1)
+    layer = Layer(H2OPolicy(kernel=1), budget=4, interval=1)
     # prefill chunk of 6 queries: keys 1 and 2 get heavy attention
     probs = torch.zeros(1, 6, 6)
     probs[0, 0, 0] = 1
@@ -109,18 +109,74 @@ def test_prefill_chunk_then_decode_h2o():
     assert layer.step(probs, is_prefill=True)[0].tolist() == [1, 2, 4, 5]
 
 
-def test_pyramid_resets_scores():
-    layer = Layer(PyramidInferPolicy(), budget=3)
+def test_pyramid_resets_scores_only_when_asked():
+    layer = Layer(PyramidInferPolicy(reset_scores=True), budget=3)
     for probs, _ in H2O_TRACE[:4]:
         layer.step(_p(probs))
     assert layer.pos.shape[1] == 3
     assert torch.count_nonzero(layer.acc) == 0  # reset after the compaction
     layer.step(_p([0.5, 0.25, 0.125, 0.125]))
     assert layer.acc.shape[1] == 3 and torch.count_nonzero(layer.acc) == 0
+    layer = Layer(PyramidInferPolicy(sinks=0, recent_window=1, kernel=1), budget=3)  # default: scores carry
+    for probs, _ in H2O_TRACE[:4]:
+        layer.step(_p(probs))
+    # decode queries weigh 1: acc A=1.875 B=1 C=1 D=.125 -> keep the recent D, then A and C (tie -> newer)
+    assert layer.pos[0].tolist() == [0, 2, 3] and layer.acc[0].tolist() == [1.875, 1.0, 0.125]
+
+
+def test_decode_compaction_keeps_what_the_prompt_voted_for():
+    """Prefill votes carry into decode-time compactions: a few decode queries that look
+    elsewhere do not evict the key the prompt's window chose (the earlier reset did)."""
+    probs = torch.zeros(1, 8, 8)
+    probs[0, 5:, 2] = 1.0  # SnapKV window (last 3 queries) votes for key 2
+    for reset, survivor in ((False, 2), (True, 5)):
+        layer = Layer(SnapKVPolicy(window=3, kernel=1, reset_scores=reset), budget=4)
+        assert layer.step(probs, is_prefill=True)[0].tolist() == [2, 5, 6, 7]
+        d = torch.zeros(1, 1, 5)
+        d[0, 0, 1] = 1.0  # one decode query attends to slot 1 (key 5); budget 4, recent 3: key 2 or key 5 goes
+        assert layer.step(d)[0].tolist() == [survivor, 6, 7, 8]
+
+
+def test_h2o_question_window_weights():
+    pol = H2OPolicy(kernel=1, window=2, window_weight=1.0)
+    # prompt of 10: the last 2 queries get 1 + 1.0 * (10 - 2) / 2 = 5
+    assert pol.query_weights(0, 10, 10, True, prompt_len=10).tolist() == [1.0] * 8 + [5.0, 5.0]
+    assert pol.query_weights(0, 6, 6, True, prompt_len=10).tolist() == [1.0] * 6  # chunk before the window
+    assert pol.query_weights(6, 4, 10, True, prompt_len=10).tolist() == [1.0, 1.0, 5.0, 5.0]
+    assert pol.query_weights(10, 1, 11, False, prompt_len=10).tolist() == [1.0]  # decode
+    assert pol.query_weights(0, 10, 10, True).tolist() == [1.0] * 10  # prompt length unknown
+    ref = H2OPolicy(kernel=1, window_weight=0.0)  # the reference: every query weighs 1
+    assert ref.query_weights(0, 10, 10, True, prompt_len=10).tolist() == [1.0] * 10
+    # the question's vote keeps the fact plain H2O evicts for the essay's heavy hitter
+    probs = torch.zeros(1, 10, 10)
+    probs[0, :8, 1] = 1.0  # the essay's queries all look at key 1 (a heavy hitter)
+    probs[0, 8:, 4] = 1.0  # the question looks at key 4 (the fact)
+    plain = Layer(H2OPolicy(kernel=1, window_weight=0.0, recent_window=1), budget=2)
+    assert plain.step(probs, is_prefill=True)[0].tolist() == [1, 9]
+    layer = Layer(H2OPolicy(kernel=1, window=2, window_weight=1.0, recent_window=1), budget=3)
+    assert layer.step(probs, is_prefill=True, prompt_len=10)[0].tolist() == [1, 4, 9]
+    layer = Layer(H2OPolicy(kernel=1, window=2, window_weight=1.0, recent_window=1), budget=2)
+    assert layer.step(probs, is_prefill=True, prompt_len=10)[0].tolist() == [4, 9]  # 10 votes vs 8
+
+
+def test_pyramid_window_is_kept_whole_and_not_ranked():
+    """The observation window's own keys are protected (the reference ranks only the
+    context before the window), so the window's self-attention cannot flood the top-k."""
+    pol = PyramidInferPolicy(obs_window=3, sinks=0, kernel=1)
+    probs = torch.zeros(1, 10, 10)
+    probs[0, 7:, 7:] = torch.tensor([[1.0, 0, 0], [0.75, 0.25, 0], [0.5, 0.25, 0.25]])  # self-attention
+    probs[0, 7:, 2] = 0.0
+    probs[0, 9, 2] = 0.125  # ... and a little to key 2
+    probs[0, 9, 7:] = torch.tensor([0.5, 0.25, 0.125])
+    assert pol.sinks_recent(4) == (0, 3)
+    assert Layer(pol, budget=4).step(probs, is_prefill=True)[0].tolist() == [2, 7, 8, 9]
+    # the reference mode (obs_window 0): the window is ceil(0.2 * held tokens), also kept whole
+    ref = PyramidInferPolicy(obs_window=0, obs_window_ratio=0.2, sinks=0, kernel=1)
+    assert ref.sinks_recent(4, 10) == (0, 2) and ref.sinks_recent(4) == (0, 1)
 
 
 def test_pyramid_query_weights():
-    pol = PyramidInferPolicy(obs_window_ratio=0.2, kernel=1)
+    pol = PyramidInferPolicy(obs_window=0, obs_window_ratio=0.2, kernel=1)
     w = pol.query_weights(0, 10, 10, True)  # window = last ceil(0.2 * 10) = 2 positions
     assert w.tolist() == pytest.approx([0] * 8 + [1.0, 1.2])
     w = pol.query_weights(10, 10, 20, True)  # window 16..19, rising 1.0 -> 1.2
@@ -137,8 +193,11 @@ def test_pyramid_query_weights():
     probs[0, :8, 1] = 1.0  # early queries love key 1 (ignored)
     probs[0, 8:, 3] = 1.0  # the window's queries pick key 3
     assert layer.step(probs, is_prefill=True)[0].tolist() == [0, 1, 2, 3, 9]  # 4 sinks win the budget
-    layer = Layer(PyramidInferPolicy(sinks=0, kernel=1), budget=3)
-    assert layer.step(probs, is_prefill=True)[0].tolist() == [3, 8, 9]  # recent ceil(.2*3)=1 + key 3 + tie->newest
+    layer = Layer(PyramidInferPolicy(obs_window=0, sinks=0, kernel=1), budget=3)
+    assert layer.step(probs, is_prefill=True)[0].tolist() == [3, 8, 9]  # the window (2 of 10) kept + key 3
+    short = PyramidInferPolicy(kernel=1, obs_window=4)  # the default: a fixed window of obs_window queries
+    assert short.query_weights(0, 10, 10, True).tolist() == pytest.approx([0] * 6 + [1.0, 1 + 0.2 / 3, 1 + 0.4 / 3, 1.2])
+    assert short.query_weights(0, 2, 2, True).tolist() == pytest.approx([1.0, 1.2])  # context shorter than it
 
 
 def test_snapkv_query_weights_and_window():
@@ -151,6 +210,9 @@ def test_snapkv_query_weights_and_window():
     probs[0, 5:, 2] = 1.0
     layer = Layer(pol, budget=4)
     assert layer.step(probs, is_prefill=True)[0].tolist() == [2, 5, 6, 7]  # window (3) always kept
+    assert layer.acc[0].tolist() == [3.0, 0.0, 0.0, 0.0]  # the prompt's votes carry into decode
+    layer = Layer(SnapKVPolicy(window=3, kernel=1, reset_scores=True), budget=4)
+    layer.step(probs, is_prefill=True)
     assert torch.count_nonzero(layer.acc) == 0
 
 
@@ -195,18 +257,18 @@ def test_gqa_grouping_mean():
     probs[1, 0, 1] = 0.5
     probs[2, 0, 3] = 1.0
     probs[3, 0, 2] = 1.0
-    acc = H2OPolicy().accumulate(torch.zeros(2, 0), probs, torch.ones(1))
+    acc = H2OPolicy(kernel=1).accumulate(torch.zeros(2, 0), probs, torch.ones(1))
     assert acc.tolist() == [[0.75, 0.25, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]
     assert group_mean(probs, 2).shape == (2, 1, 4)
     with pytest.raises(ValueError):
         group_mean(probs, 3)
-    kept, _ = compress_step(H2OPolicy(recent_window=0), acc, 1, 2)
+    kept, _ = compress_step(H2OPolicy(kernel=1, recent_window=0), acc, 1, 2)
     assert kept.tolist() == [[0], [3]]  # tie between keys 2 and 3 of KV head 1 -> newer
 
 
 def test_weights_scale_contributions():
     probs = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.25, 0.75]]])  # [1, 2, 3]
-    acc = H2OPolicy().accumulate(torch.tensor([[1.0, 1.0]]), probs, torch.tensor([2.0, 0.0]))
+    acc = H2OPolicy(kernel=1).accumulate(torch.tensor([[1.0, 1.0]]), probs, torch.tensor([2.0, 0.0]))
     assert acc.tolist() == [[2.0, 2.0, 0.0]]  # zero-padded for the new key, second query ignored
     assert StreamingLLMPolicy().accumulate(torch.zeros(1, 1), probs, torch.ones(2)).tolist() == [[0, 0, 0]]
 
@@ -236,19 +298,19 @@ def test_batched_accumulate_with_mask_and_compress_step():
     probs = torch.full((2, 2, 1, 3), 1 / 3)  # [B, H_q, Q, K], 2 q-heads share 1 KV head
     mask = torch.tensor([[True, True, True], [True, True, False]])
     w = torch.tensor([[1.0], [2.0]])
-    acc = H2OPolicy().accumulate(torch.zeros(2, 1, 3), probs, w, key_mask=mask)
+    acc = H2OPolicy(kernel=1).accumulate(torch.zeros(2, 1, 3), probs, w, key_mask=mask)
     assert acc[0, 0].tolist() == pytest.approx([1 / 3] * 3)
     assert acc[1, 0].tolist() == pytest.approx([2 / 3, 2 / 3, 0.0])
-    kept, new_acc = compress_step(H2OPolicy(recent_window=0), acc, torch.tensor([2, 2]), torch.tensor([2, 2]), valid_len=torch.tensor([3, 1]))
+    kept, new_acc = compress_step(H2OPolicy(kernel=1, recent_window=0), acc, torch.tensor([2, 2]), torch.tensor([2, 2]), valid_len=torch.tensor([3, 1]))
     assert kept.tolist() == [[[1, 2]], [[0, -1]]]
     assert new_acc[1, 0].tolist() == pytest.approx([2 / 3, 0.0])
 
 
 def test_compress_step_gathers_or_resets():
     acc = torch.tensor([[3.0, 1.0, 2.0, 0.5]])
-    kept, new = compress_step(H2OPolicy(recent_window=1), acc, 3, 3)
+    kept, new = compress_step(H2OPolicy(kernel=1, recent_window=1), acc, 3, 3)
     assert kept.tolist() == [[0, 2, 3]] and new.tolist() == [[3.0, 2.0, 0.5]]
-    kept, new = compress_step(PyramidInferPolicy(sinks=0, recent_window=1, kernel=1), acc, 3, 3)
+    kept, new = compress_step(PyramidInferPolicy(sinks=0, recent_window=1, kernel=1, reset_scores=True), acc, 3, 3)
     assert kept.tolist() == [[0, 2, 3]] and new.tolist() == [[0.0, 0.0, 0.0]]
 
 
@@ -259,7 +321,7 @@ def test_pyramid_pooling_keeps_spans():
     assert kept.tolist() == [[1, 4, 8]]  # the reference ranks single tokens
     kept, _ = compress_step(PyramidInferPolicy(sinks=0, recent_window=0, kernel=3), acc, 3, 3)
     assert kept.tolist() == [[3, 4, 5]]  # max-pooled: the span around the peak (ties -> newest)
-    assert get_policy(KVCompressConfig(policy="pyramid", budget=0.2)).kernel == 7
+    assert get_policy(KVCompressConfig(policy="pyramid", budget=0.2)).kernel == 13
     assert get_policy(KVCompressConfig(policy="pyramid", budget=0.2, pyramid_kernel=1)).kernel == 1
     # slots past the valid length never leak into pooled scores
     pol = PyramidInferPolicy(kernel=3)
@@ -271,12 +333,19 @@ def test_registry_and_defaults():
     assert isinstance(get_policy(KVCompressConfig()), NoPolicy)
     h = get_policy(KVCompressConfig(policy="h2o", budget=0.2))
     assert isinstance(h, H2OPolicy) and h.sinks_recent(100) == (0, 50) and h.sinks_recent(101) == (0, 50)
-    assert not H2OPolicy.reset_after_compaction
-    p = get_policy(KVCompressConfig(policy="pyramid", budget=0.2, obs_window_ratio=0.25))
-    assert isinstance(p, PyramidInferPolicy) and p.sinks_recent(100) == (4, 25) and p.reset_after_compaction
+    assert not h.resets_scores and (h.window, h.window_weight, h.kernel) == (32, 1.0, 13)
+    p = get_policy(KVCompressConfig(policy="pyramid", budget=0.2))
+    assert isinstance(p, PyramidInferPolicy) and p.sinks_recent(100) == (4, 32) and not p.resets_scores
+    assert (p.obs_window, p.kernel) == (32, 13)
+    p = get_policy(KVCompressConfig(policy="pyramid", budget=0.2, pyramid_window=0, obs_window_ratio=0.25,
+                                    reset_scores=True))
+    assert p.sinks_recent(100) == (4, 25) and p.sinks_recent(100, 400) == (4, 100) and p.resets_scores
     s = get_policy(KVCompressConfig(policy="snapkv", budget=0.2, snapkv_window=16, snapkv_kernel=7, snapkv_pooling="max"))
     assert isinstance(s, SnapKVPolicy) and (s.window, s.kernel, s.pooling) == (16, 7, "max")
-    assert s.sinks_recent(100) == (0, 16) and s.reset_after_compaction
+    assert s.sinks_recent(100) == (0, 16) and not s.resets_scores
+    assert get_policy(KVCompressConfig(policy="snapkv", budget=0.2)).kernel == 13
+    h = get_policy(KVCompressConfig(policy="h2o", budget=0.2, h2o_window=8, h2o_window_weight=0, h2o_kernel=5))
+    assert (h.window, h.window_weight, h.kernel) == (8, 0.0, 5)
     st = get_policy(KVCompressConfig(policy="streaming", budget=0.2))
     assert isinstance(st, StreamingLLMPolicy) and st.sinks_recent(100) == (4, 96)
     o = get_policy(KVCompressConfig(policy="h2o", budget=0.2, sinks=2, recent_window=7))
@@ -285,8 +354,8 @@ def test_registry_and_defaults():
 
 def test_sinks_recent_vectorised():
     b = torch.tensor([100, 51, 7])
-    assert H2OPolicy().sinks_recent(b)[1].tolist() == [50, 25, 3]
-    pol = PyramidInferPolicy(obs_window_ratio=0.2, kernel=1)
+    assert H2OPolicy(kernel=1).sinks_recent(b)[1].tolist() == [50, 25, 3]
+    pol = PyramidInferPolicy(obs_window=0, obs_window_ratio=0.2, kernel=1)
     assert pol.sinks_recent(b)[1].tolist() == [pol.sinks_recent(int(x))[1] for x in b] == [20, 11, 2]
     assert StreamingLLMPolicy().sinks_recent(b)[1].tolist() == [96, 47, 3]
 
@@ -311,3 +380,15 @@ def test_drop_counts_nested_or_none():
     assert drop_counts([600, 600, 300, 100], 1000, 32) == [616, 616, 328, 104]
     assert drop_counts([600, 700, 300], 1000, 32) is None  # a deeper layer would need tokens already dropped
     assert drop_counts([2000, 2000], 1000, 32) is None  # nothing is dropped
+
+
+def test_accumulate_cannot_be_overridden():
+    """Serving runs the fixed accumulation rule inside the kernels: a policy that overrides
+    accumulate() would agree with the oracle and be silently wrong in vLLM, so it is refused."""
+    from dataclasses import dataclass
+
+    with pytest.raises(TypeError, match="query_weights"):
+        @dataclass(frozen=True)
+        class Squared(H2OPolicy):
+            def accumulate(self, acc, probs, weights, key_mask=None):
+                return acc + probs.sum()

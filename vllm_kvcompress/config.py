@@ -98,22 +98,34 @@ class KVCompressConfig:
     pyramidkv_beta: float = 20
     #: number of KV-cache groups (consecutive layers sharing one budget); largest divisor of num_layers <= this
     num_stages: int = 6
-    #: pyramid policy: prefill observation window = last ceil(ratio * context) positions (reference 0.2)
+    #: pyramid policy: prefill observation window (voting queries, kept whole) in tokens;
+    #: 0 = the reference's last ceil(obs_window_ratio * context) positions
+    pyramid_window: int = 32
+    #: pyramid policy with pyramid_window 0: observation window as a fraction of the context (reference 0.2)
     obs_window_ratio: float = 0.2
     #: pyramid policy: max-pool the scores along keys with this odd kernel before the top-k, so
     #: multi-token spans (numbers are one token per digit) survive together; 1 = the reference's
     #: per-token scores (see docs/policies.md for the measurement behind the default)
-    pyramid_kernel: int = 7
+    pyramid_kernel: int = 13
     #: snapkv policy: observation window (queries scored in prefill; protected recent tokens) (reference 32)
     snapkv_window: int = 32
     #: snapkv policy: pooling kernel along keys, odd (the SnapKV authors' LongBench configs: 7)
-    snapkv_kernel: int = 7
+    snapkv_kernel: int = 13
     #: snapkv policy: "max" (max_pool1d, the SnapKV authors' LongBench configs) or "avg" (``init_snapkv``'s default)
     snapkv_pooling: str = "max"
     #: pyramid policy: in a prompt's prefill, drop the hidden states of the tokens a layer does
     #: not keep, so deeper layers compute only their retained tokens (the PyramidInfer reference;
     #: cuts prefill compute). Off: every layer computes every prompt token and then evicts.
     prefill_drop: bool = False
+    #: h2o policy: question window, the last h2o_window prompt queries get an extra vote
+    h2o_window: int = 32
+    #: h2o policy: the question window's extra vote as a multiple of the rest of the prompt's (0 = reference H2O)
+    h2o_window_weight: float = 1.0
+    #: h2o policy: max-pool kernel of the scores along keys, odd (1 = the reference's per-token ranking)
+    h2o_kernel: int = 13
+    #: pyramid / snapkv: restart kept tokens' scores from 0 after each compaction (the earlier
+    #: behaviour: decode-time compaction then ranks by the few decode queries since the last one)
+    reset_scores: bool = False
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -124,7 +136,7 @@ class KVCompressConfig:
         """Coerce integral floats (e.g. from JSON/YAML) for integer options; check types."""
         set_ = object.__setattr__
         for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "snapkv_kernel",
-                     "pyramid_kernel"):
+                     "pyramid_kernel", "pyramid_window", "h2o_window", "h2o_kernel"):
             set_(self, name, _as_int(name, getattr(self, name), optional=False))
         for name in ("recent_window", "sinks"):
             set_(self, name, _as_int(name, getattr(self, name), optional=True))
@@ -133,8 +145,9 @@ class KVCompressConfig:
             if not isinstance(v, str):
                 raise _err(name, f"must be a string, got {v!r}")
             set_(self, name, v.strip().lower())
-        if not isinstance(self.prefill_drop, bool):
-            raise _err("prefill_drop", f"must be true or false, got {self.prefill_drop!r}")
+        for name in ("prefill_drop", "reset_scores"):
+            if not isinstance(getattr(self, name), bool):
+                raise _err(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.schedule is not None:
             if not isinstance(self.schedule, str):
                 raise _err("schedule", f"must be a string or null, got {self.schedule!r}")
@@ -144,7 +157,7 @@ class KVCompressConfig:
             raise _err("budget", f"must be a number (1.0 = keep all, (0, 1) = fraction of the prompt, integer > 1 = tokens), got {b!r}")
         if b > 1 and float(b).is_integer():
             set_(self, "budget", int(b))
-        for name in ("pyramidkv_beta", "obs_window_ratio"):
+        for name in ("pyramidkv_beta", "obs_window_ratio", "h2o_window_weight"):
             v = getattr(self, name)
             if not _is_number(v) or not math.isfinite(v):
                 raise _err(name, f"must be a number, got {v!r}")
@@ -172,11 +185,15 @@ class KVCompressConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise _err(name, f"must be >= 0 or null (policy default), got {v}")
-        for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window"):
+        for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "h2o_window"):
             v = getattr(self, name)
             if v < 1:
                 raise _err(name, f"must be an integer >= 1, got {v}")
-        for name in ("snapkv_kernel", "pyramid_kernel"):
+        if self.pyramid_window < 0:
+            raise _err("pyramid_window", f"must be an integer >= 0 (0 = obs_window_ratio of the context), got {self.pyramid_window}")
+        if self.h2o_window_weight < 0:
+            raise _err("h2o_window_weight", f"must be >= 0 (0 = reference H2O), got {self.h2o_window_weight!r}")
+        for name in ("snapkv_kernel", "pyramid_kernel", "h2o_kernel"):
             v = getattr(self, name)
             if v < 1 or v % 2 == 0:
                 raise _err(name, f"must be an odd integer >= 1, got {v}")
@@ -241,13 +258,15 @@ class KVCompressConfig:
     def fixed_recent(self) -> int | None:
         """The recent window when it does not depend on the layer budget, else None.
 
-        h2o (budget // 2), pyramid (ceil(obs_window_ratio * budget)) and streaming
-        (budget - sinks) default to budget-relative windows.
+        h2o (budget // 2), pyramid with pyramid_window 0 (ceil(obs_window_ratio * count))
+        and streaming (budget - sinks) default to budget-relative windows.
         """
         if self.recent_window is not None:
             return self.recent_window
         if self.policy == "snapkv":
             return self.snapkv_window
+        if self.policy == "pyramid" and self.pyramid_window:
+            return self.pyramid_window
         if self.policy == "none":
             return 0
         return None

@@ -130,7 +130,7 @@ class DenseOracle:
         pos = torch.arange(start, C, device=ids.device)
         h = m.embed_tokens(ids)  # [1, Q, hidden]
         cos, sin = m.rotary_emb(h, pos[None])  # [1, Q, D]
-        weights = self.policy.query_weights(start, Q, C, is_prefill) if self.policy.needs_attention else None
+        weights = self.policy.query_weights(start, Q, C, is_prefill, self.prompt_len) if self.policy.needs_attention else None
         compress = not self.cfg.keeps_all
         drop = None
         if compress and self.cfg.prefill_drop and is_prefill and start == 0 and C == self.prompt_len:

@@ -9,12 +9,17 @@ For the full cache (vanilla vLLM, no ``kv_compress`` config) and for every
 prompt -- it runs the embedded SmolLM2-135M-Instruct on three tasks, all built
 at run time from the Paul Graham essays (nothing is committed) with fixed seeds:
 
-* **passkey**: a 5-digit pass key, stated three times in one needle sentence,
+* **passkey**: a 5-digit pass key, stated three times in one needle sentence
+  (later copies attend to the first: a needle that flatters accumulated-attention
+  policies; kept for continuity with earlier results),
   hidden in essay text at ``--depths`` depths (evenly spaced, 0% = right after
   the instruction, 100% = right before the question) for each prompt length;
   completion-style, the prompt ends in "Question: What is the pass key?
   Answer: The pass key is"; greedy, 8 new tokens; correct when the key appears
   in the output.
+* **passkey_once**: the same prompts (same keys, depths and essay text) with the
+  key stated exactly ONCE (" The pass key is <key>."): the hard, fair case,
+  reported separately.
 * **multikey**: four "The special magic number for <word> is <6 digits>."
   needles (the queried one at ``--multikey-depths`` depths, the middles of
   equal parts of the text; the three distractors at random depths); the
@@ -63,6 +68,11 @@ from vllm_kvcompress.config import KVCompressConfig
 
 # ----------------------------------------------------------------------------- defaults
 POLICIES = ("h2o", "pyramid", "snapkv", "streaming")
+#: retrieval tasks (scored on generated text) and every task, in report order
+RETRIEVAL_TASKS = ("passkey", "passkey_once", "multikey")
+TASKS = RETRIEVAL_TASKS + ("ppl",)
+TASK_TITLES = {"passkey": "passkey (key stated 3x)", "passkey_once": "passkey (key stated once)",
+               "multikey": "multi-key", "ppl": "perplexity"}
 #: also accepted by --policies: pyramid with --kv-prefill-drop (deeper layers compute only their
 #: kept tokens when a prompt is prefilled in one step; the chunked perplexity runs never drop)
 VARIANTS = ("pyramid+drop",)
@@ -93,6 +103,8 @@ PASSKEY_PREFIX = ("There is an important pass key hidden inside a lot of irrelev
 # with one statement or without "Answer:" it often continues "The pass key is" with "a password that ...".
 PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. The pass key is {key}."
 PASSKEY_QUESTION = "\n\nQuestion: What is the pass key?\nAnswer: The pass key is"
+# The hard case: the key stated exactly once (the full cache still finds it at 1K-4K, 5 depths).
+PASSKEY_ONCE_NEEDLE = " The pass key is {key}."
 
 MULTIKEY_PREFIX = ("Some special magic numbers are hidden inside a lot of irrelevant text. "
                    "Find them and memorize them. I will quiz you about one of them.\n\n")
@@ -196,15 +208,17 @@ def _offset(rng: np.random.Generator, hay: Haystack, length: int) -> int:
     return int(rng.integers(0, len(hay.ids) - 2 * length))
 
 
-def passkey_prompts(hay: Haystack, lengths: Sequence[int], depths: Sequence[float], seed: int = SEED) -> list[dict]:
+def passkey_prompts(hay: Haystack, lengths: Sequence[int], depths: Sequence[float], seed: int = SEED,
+                    needle: str = PASSKEY_NEEDLE, task: str = "passkey") -> list[dict]:
+    """One prompt per (length, depth); the same seed gives the same keys and essay text for every needle."""
     rng = np.random.default_rng([seed, 1])
     items = []
     for length in lengths:
         for d in depths:
             key = str(int(rng.integers(10000, 100000)))
-            p = build_prompt(hay, length, PASSKEY_PREFIX, [(d, PASSKEY_NEEDLE.format(key=key))], PASSKEY_QUESTION,
+            p = build_prompt(hay, length, PASSKEY_PREFIX, [(d, needle.format(key=key))], PASSKEY_QUESTION,
                              _offset(rng, hay, length))
-            items.append(dict(task="passkey", length=length, depth=d, answer=key, ids=p.ids,
+            items.append(dict(task=task, length=length, depth=d, answer=key, ids=p.ids,
                               needle_pos=p.needle_pos[0], hay_start=p.hay_start, hay_tokens=p.hay_tokens))
     return items
 
@@ -323,13 +337,13 @@ def run_worker(job: dict) -> dict:
     out: dict[str, Any] = {"seconds": {"start": time.perf_counter() - t0}}
     tag = job["tag"]
     try:
-        for task in ("passkey", "multikey"):
+        for task in RETRIEVAL_TASKS:
             items = job.get(task)
             if not items:
                 continue
             t = time.perf_counter()
-            sp = SamplingParams(temperature=0.0, max_tokens=PASSKEY_MAX_TOKENS if task == "passkey"
-                                else MULTIKEY_MAX_TOKENS, seed=SEED)
+            sp = SamplingParams(temperature=0.0, max_tokens=MULTIKEY_MAX_TOKENS if task == "multikey"
+                                else PASSKEY_MAX_TOKENS, seed=SEED)
             res = llm.generate([{"prompt_token_ids": it["ids"]} for it in items], sp,
                                use_tqdm=_tqdm_factory(f"{tag} {task}"))
             out[task] = [o.outputs[0].text for o in res]
@@ -417,10 +431,9 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
             run["kv_compress"] = dataclasses.asdict(KVCompressConfig(**kv_settings(policy, retention)))
         t0 = time.perf_counter()
         jobs = []
-        if prompts["passkey"] or prompts["multikey"]:
+        if any(prompts.get(t) for t in RETRIEVAL_TASKS):
             jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "retrieval"),
-                             passkey=[dict(ids=it["ids"]) for it in prompts["passkey"]],
-                             multikey=[dict(ids=it["ids"]) for it in prompts["multikey"]]))
+                             **{t: [dict(ids=it["ids"]) for it in prompts.get(t, [])] for t in RETRIEVAL_TASKS}))
         if prompts["ppl"]:
             jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "ppl"),
                              ppl=[dict(ids=it["ids"]) for it in prompts["ppl"]], ppl_tail_from=tail_from))
@@ -429,7 +442,8 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
             kind = "ppl" if "ppl" in job else "retrieval"
             for k, v in res["seconds"].items():
                 run["seconds"][f"{kind}_{k}" if k == "start" else k] = round(v, 2)
-            for task, score in (("passkey", score_passkey), ("multikey", score_multikey)):
+            for task in RETRIEVAL_TASKS:
+                score = score_multikey if task == "multikey" else score_passkey
                 if task in res:
                     items = []
                     for it, text in zip(prompts[task], res[task]):
@@ -453,6 +467,8 @@ def _one_line(run: dict) -> str:
     parts = [f"{label(run['policy'], run['retention']):16s}"]
     if "passkey" in run:
         parts.append(f"passkey {run['passkey']['acc']:.0%}")
+    if "passkey_once" in run:
+        parts.append(f"passkey once {run['passkey_once']['acc']:.0%}")
     if "multikey" in run:
         parts.append(f"multikey {run['multikey']['acc']:.0%}")
     if "ppl" in run:
@@ -470,35 +486,43 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
 
 
+#: issue #17: minimum pass-key accuracy (on EACH needle format) per policy, at 25% and 12.5% retention
+TARGET_PASSKEY = {"pyramid": {0.25: 0.95, 0.125: 0.90}, "snapkv": {0.25: 0.95, 0.125: 0.90},
+                  "h2o": {0.25: 0.90, 0.125: 0.80}}
+TARGET_MULTIKEY_BEST = 0.60  # at 25%, the best policy
+
+
 def check_targets(result: dict) -> list[dict]:
-    """The issue #6 targets, each with its measured value and pass/fail (None: not measured)."""
+    """The issue #17 targets, each with its measured value and pass/fail."""
     full = _full(result)
     out = []
     if full is None:
         return out
-    fp = full.get("passkey")
-    if fp:
-        for length in ("1024", "2048"):
-            if length in fp["by_length"]:
-                v = fp["by_length"][length]
-                out.append(dict(target=f"full cache passkey at {int(length) // 1024}K >= 95%", value=_pct(v),
-                                ok=v >= TARGET_FULL_PASSKEY))
+    for task in ("passkey", "passkey_once"):
+        fp = full.get(task)
+        if fp:
+            v = fp["acc"]
+            out.append(dict(target=f"full cache {TASK_TITLES[task]} >= 95%", value=_pct(v), ok=v >= TARGET_FULL_PASSKEY))
     policies = sorted({r["policy"] for r in result["runs"] if r["policy"] != "full"},
                       key=lambda p: (POLICIES.index(p) if p in POLICIES else 99, p))
     for p in policies:
         runs = {r["retention"]: r for r in result["runs"] if r["policy"] == p}
-        if fp and 0.25 in runs and "passkey" in runs[0.25]:
-            v = runs[0.25]["passkey"]["acc"]
-            out.append(dict(target=f"{p} 25%: passkey = full cache ({_pct(fp['acc'])})", value=_pct(v),
-                            ok=v >= fp["acc"] - 1e-9))
-        if fp and 0.125 in runs and "passkey" in runs[0.125]:
-            v = runs[0.125]["passkey"]["acc"]
-            out.append(dict(target=f"{p} 12.5%: passkey >= 90% of full cache (>= {_pct(0.9 * fp['acc'])})",
-                            value=_pct(v), ok=v >= 0.9 * fp["acc"] - 1e-9))
+        for retention, goal in TARGET_PASSKEY.get(p, {}).items():
+            for task in ("passkey", "passkey_once"):
+                if retention in runs and task in runs[retention]:
+                    v = runs[retention][task]["acc"]
+                    out.append(dict(target=f"{p} {retention:g}: {TASK_TITLES[task]} >= {_pct(goal)}", value=_pct(v),
+                                    ok=v >= goal - 1e-9))
         if full.get("ppl") and 0.25 in runs and "ppl" in runs[0.25]:
             base, v = full["ppl"]["ppl"], runs[0.25]["ppl"]["ppl"]
             out.append(dict(target=f"{p} 25%: perplexity <= full cache +3% (<= {base * (1 + TARGET_PPL_REL):.3f})",
                             value=f"{v:.3f} ({100 * (v / base - 1):+.1f}%)", ok=v <= base * (1 + TARGET_PPL_REL)))
+    mk = [(r["multikey"]["acc"], label(r["policy"], r["retention"])) for r in result["runs"]
+          if r["policy"] != "full" and r["retention"] == 0.25 and "multikey" in r]
+    if mk:
+        v, who = max(mk)
+        out.append(dict(target=f"best policy at 25%: multi-key >= {_pct(TARGET_MULTIKEY_BEST)}",
+                        value=f"{_pct(v)} ({who})", ok=v >= TARGET_MULTIKEY_BEST - 1e-9))
     return out
 
 
@@ -524,26 +548,28 @@ def write_markdown(result: dict, path: Path, plots: Sequence[str] = ()) -> Path:
     meta = result["meta"]
     full = _full(result)
     runs = result["runs"]
-    lines = ["# Quality: passkey, multi-key retrieval and perplexity under KV eviction", "",
+    lines = ["# Quality: passkey (key stated 3x and once), multi-key retrieval and perplexity under KV eviction", "",
              "Produced by (from the repository root, `.venv` active):", "", "```bash", meta["command"], "```", "",
              f"{meta['date']}, {meta['machine']}; model {meta['model']} (float32, greedy, seed {meta['seed']}); "
              f"wall time {meta['runtime_s'] / 60:.1f} min. Retention = `--kv-budget` as a fraction of the prompt "
              f"(mean retained tokens per layer); \"full cache\" is vanilla vLLM (no `kv_compress` config), "
              f"same engine settings (page size {PAGE}).", ""]
     lines += ["## Summary", "",
-              "| configuration | passkey | multi-key | perplexity (4K, chunk 32) | perplexity, 2nd half | run time |",
-              "|---|---|---|---|---|---|"]
+              "| configuration | passkey (3x) | passkey (once) | multi-key | perplexity (4K, chunk 32) | "
+              "perplexity, 2nd half | run time |",
+              "|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {label(r['policy'], r['retention'])} | {_pct(r.get('passkey', {}).get('acc'))} | "
+                     f"{_pct(r.get('passkey_once', {}).get('acc'))} | "
                      f"{_pct(r.get('multikey', {}).get('acc'))} | {_ppl_cell(r, full)} | {_ppl_tail_cell(r, full)} | "
                      f"{r.get('seconds', {}).get('total', float('nan')) / 60:.1f} min |")
     targets = check_targets(result)
     if targets:
-        lines += ["", "## Targets (issue #6)", "", "| target | measured | met |", "|---|---|---|"]
+        lines += ["", "## Targets (issue #17)", "", "| target | measured | met |", "|---|---|---|"]
         for t in targets:
             lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['ok'] else '**no**'} |")
-    for task, title in (("passkey", "Passkey accuracy by prompt length"),
-                        ("multikey", "Multi-key accuracy by prompt length")):
+    for task in RETRIEVAL_TASKS:
+        title = f"{TASK_TITLES[task][0].upper()}{TASK_TITLES[task][1:]} accuracy by prompt length"
         lengths = meta["lengths"]
         if not any(task in r for r in runs):
             continue
@@ -554,15 +580,17 @@ def write_markdown(result: dict, path: Path, plots: Sequence[str] = ()) -> Path:
                 cells = [_pct(r[task]["by_length"].get(str(n))) for n in lengths]
                 lines.append(f"| {label(r['policy'], r['retention'])} | " + " | ".join(cells)
                              + f" | {_pct(r[task]['acc'])} |")
-    if any("passkey" in r for r in runs):
+    for task in ("passkey", "passkey_once"):
+        if not any(task in r for r in runs):
+            continue
         depths = [str(d) for d in meta["passkey_depths"]]
-        lines += ["", "## Passkey accuracy by needle depth (all lengths)", "",
-                  "| configuration | " + " | ".join(f"{float(d):.0%}" for d in depths) + " |",
+        lines += ["", f"## {TASK_TITLES[task][0].upper()}{TASK_TITLES[task][1:]} accuracy by needle depth (all lengths)",
+                  "", "| configuration | " + " | ".join(f"{float(d):.0%}" for d in depths) + " |",
                   "|---|" + "---|" * len(depths)]
         for r in runs:
-            if "passkey" in r:
+            if task in r:
                 lines.append(f"| {label(r['policy'], r['retention'])} | "
-                             + " | ".join(_pct(r["passkey"]["by_depth"].get(d)) for d in depths) + " |")
+                             + " | ".join(_pct(r[task]["by_depth"].get(d)) for d in depths) + " |")
     # a setup line is one bullet: literal newlines (from the prompt strings) are shown as \\n
     lines += ["", "## Setup", ""] + [f"- {s}".replace("\n", "\\n") for s in meta["setup"]]
     notes = meta.get("notes")
@@ -589,7 +617,8 @@ def write_plots(result: dict, out_dir: Path, prefix: str = "quality") -> list[Pa
         if r["policy"] != "full" and r["policy"] not in policies:
             policies.append(r["policy"])
     paths = []
-    specs = [("passkey", "passkey accuracy", lambda r: r["passkey"]["acc"]),
+    specs = [("passkey", "passkey accuracy (key stated 3x)", lambda r: r["passkey"]["acc"]),
+             ("passkey_once", "passkey accuracy (key stated once)", lambda r: r["passkey_once"]["acc"]),
              ("multikey", "multi-key accuracy", lambda r: r["multikey"]["acc"]),
              ("ppl", "perplexity (4K tokens, chunked prefill 32)", lambda r: r["ppl"]["ppl"])]
     for task, ylabel, get in specs:
@@ -677,7 +706,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--multikey-depths", type=int, default=None, help=f"multi-key depths (default {MULTIKEY_DEPTHS})")
     ap.add_argument("--ppl-windows", type=int, default=None, help=f"4K perplexity windows (default {PPL_WINDOWS})")
     ap.add_argument("--ppl-len", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--tasks", default="passkey,multikey,ppl", help="comma list of passkey,multikey,ppl")
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)}")
     ap.add_argument("--out-dir", type=Path, default=None, help="where results go (default docs/results; "
                                                                f"--quick: {QUICK_OUT_DIR})")
     ap.add_argument("--quick", action="store_true",
@@ -706,7 +735,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.out_dir = args.out_dir or (QUICK_OUT_DIR if args.quick else Path("docs/results"))
     args.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     for t in args.tasks:
-        if t not in ("passkey", "multikey", "ppl"):
+        if t not in TASKS:
             ap.error(f"unknown task {t!r}")
     if max(args.lengths) + MULTIKEY_MAX_TOKENS > MAX_MODEL_LEN or args.ppl_len + 1 > MAX_MODEL_LEN:
         ap.error(f"prompts must fit the engine's max_model_len {MAX_MODEL_LEN}")
@@ -722,6 +751,8 @@ def build_all_prompts(args) -> tuple[dict, Any]:
     hay = Haystack(tok, essays_text())
     prompts = dict(
         passkey=passkey_prompts(hay, args.lengths, depth_grid(args.depths)) if "passkey" in args.tasks else [],
+        passkey_once=(passkey_prompts(hay, args.lengths, depth_grid(args.depths), needle=PASSKEY_ONCE_NEEDLE,
+                                      task="passkey_once") if "passkey_once" in args.tasks else []),
         multikey=(multikey_prompts(hay, args.lengths, mid_depth_grid(args.multikey_depths))
                   if "multikey" in args.tasks else []),
         ppl=ppl_windows(hay, args.ppl_windows, args.ppl_len) if "ppl" in args.tasks and args.ppl_windows else [],
@@ -760,11 +791,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine=f"{os.cpu_count()} CPU cores ({platform.machine()}), vLLM CPU build",
         model=MODEL_NAME, seed=SEED, runtime_s=0.0,
         policies=list(args.policies), retentions=list(args.retentions), lengths=list(args.lengths),
-        passkey_depths=depth_grid(args.depths) if "passkey" in args.tasks else [],
+        passkey_depths=depth_grid(args.depths) if {"passkey", "passkey_once"} & set(args.tasks) else [],
         multikey_depths=mid_depth_grid(args.multikey_depths) if "multikey" in args.tasks else [],
         ppl_windows=[dict(offset=w["offset"], tokens=len(w["ids"])) for w in prompts["ppl"]],
         engine=dict(retrieval=engine_kwargs("full", 1.0, "retrieval"), ppl=engine_kwargs("full", 1.0, "ppl")),
         prompt_format=dict(passkey=[PASSKEY_PREFIX, PASSKEY_NEEDLE, PASSKEY_QUESTION],
+                           passkey_once=[PASSKEY_PREFIX, PASSKEY_ONCE_NEEDLE, PASSKEY_QUESTION],
                            multikey=[MULTIKEY_PREFIX, MULTIKEY_NEEDLE, MULTIKEY_QUESTION]),
         setup=setup_notes(args), notes=notes,
     )
@@ -800,6 +832,10 @@ def setup_notes(args) -> list[str]:
         f"lengths {', '.join(map(str, args.lengths))} tokens (SmolLM2 tokenizer, within a few tokens) of essay text "
         f"from a random offset; prompt ends `{PASSKEY_QUESTION.strip()}`; greedy, {PASSKEY_MAX_TOKENS} new tokens; "
         "correct if the key appears in the output.",
+        f"**passkey (once)** ({len(args.lengths) * args.depths if 'passkey_once' in args.tasks else 0} prompts): "
+        f"the same keys, depths and essay text with the key stated exactly once, needle "
+        f"`{PASSKEY_ONCE_NEEDLE.strip()}`; scored the same way. Later copies of a repeated key attend to the first, "
+        "which accumulated-attention policies reward: this is the fair, hard case.",
         f"**multi-key** ({n_mk} prompts): {MULTIKEY_NUM_KEYS} needles `{MULTIKEY_NEEDLE.strip()}` with distinct words "
         f"and 6-digit values; the queried one at {args.multikey_depths} depth(s) "
         f"({', '.join(f'{d:.0%}' for d in mid_depth_grid(args.multikey_depths))}), the other "

@@ -175,7 +175,8 @@ class KVCompressMetadataBuilder(CPUAttentionMetadataBuilder):
             needs = needs | drop.rows  # its scores pick the tokens deeper layers compute
         if self.policy.needs_attention and needs.any():
             weights = torch.cat([self.policy.query_weights(int(c[i]), int(n[i]), int(c2[i]),
-                                                           bool(c[i] < prompt_lens[i])) if needs[i]
+                                                           bool(c[i] < prompt_lens[i]), int(prompt_lens[i]))
+                                 if needs[i]
                                  else torch.zeros(int(n[i]), dtype=torch.float32) for i in range(len(n))])
         md.kvc = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n, prompt_lens=prompt_lens,
                           budget=budget, retained=r, start=s, retained_after=r2, start_after=s2, weights=weights,

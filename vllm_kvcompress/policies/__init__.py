@@ -61,6 +61,9 @@ POLICY_CLASSES: dict[str, type[BasePolicy]] = {
     "streaming": StreamingLLMPolicy,
 }
 
+if tuple(POLICY_CLASSES) != POLICY_NAMES:  # the config validates names, this registry builds them
+    raise ImportError(f"policies.POLICY_CLASSES {tuple(POLICY_CLASSES)} != config.POLICY_NAMES {POLICY_NAMES}")
+
 
 def get_policy(cfg: KVCompressConfig) -> BasePolicy:
     """The policy object for ``cfg`` (``NoPolicy`` for 'none')."""

@@ -3,7 +3,7 @@
 Every (request, layer, KV head) slot carries a float32 accumulated score
 ``acc``. One step (a prefill chunk or a decode token) of one layer does:
 
-1. ``w = policy.query_weights(chunk_start, chunk_len, num_computed_after, is_prefill)``
+1. ``w = policy.query_weights(chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len)``
 2. ``acc = policy.accumulate(acc, probs, w)``  -- probs: this step's attention
    probabilities over the layer's current keys (retained + this step's)
 3. if the layer holds more than ``keep = retained_count(C, budget, interval)``
@@ -41,9 +41,20 @@ __all__ = [
     "ceil_ratio",
     "group_mean",
     "pool_scores",
+    "question_window_weights",
+    "option_default",
 ]
 
 IntOrTensor = Union[int, torch.Tensor]
+
+
+def option_default(name: str):
+    """The default of ``KVCompressConfig.<name>``: a policy's option defaults live there only
+    (the config is what flags, YAML and ``additional_config`` fill), and the policy
+    classes take them from it."""
+    from ..config import KVCompressConfig
+
+    return KVCompressConfig.__dataclass_fields__[name].default
 
 
 def ceil_ratio(x: IntOrTensor, ratio: float) -> IntOrTensor:
@@ -83,6 +94,19 @@ def pool_scores(acc: torch.Tensor, kernel: int, pooling: str = "max",
     flat = x.reshape(-1, 1, K)
     pool = torch.nn.functional.max_pool1d if pooling == "max" else torch.nn.functional.avg_pool1d
     return pool(flat, kernel_size=kernel, stride=1, padding=kernel // 2).reshape(x.shape)
+
+
+def question_window_weights(chunk_start: int, chunk_len: int, prompt_len: int, window: int,
+                            weight: float) -> torch.Tensor:
+    """[chunk_len] float32 extra vote of the queries in the last ``W = min(window, P)``
+    prompt positions: ``weight * max(P - W, 1) / W`` each (so the window's extra vote is
+    ``weight`` times the vote of the rest of the prompt), 0 elsewhere."""
+    P = int(prompt_len)
+    W = max(min(int(window), P), 1)
+    boost = float(weight) * max(P - W, 1) / W
+    pos = torch.arange(chunk_start, chunk_start + chunk_len)
+    inside = (pos >= P - W) & (pos < P)
+    return inside.to(torch.float32) * boost
 
 
 def _as_batch_tensor(x: IntOrTensor | None, batch_shape: torch.Size, device, default: int) -> torch.Tensor:
@@ -148,7 +172,7 @@ class BasePolicy:
     """
 
     name: ClassVar[str] = "base"
-    #: reset the accumulated scores of kept tokens to 0 after each compaction
+    #: reset the accumulated scores of kept tokens to 0 after each compaction (see :attr:`resets_scores`)
     reset_after_compaction: ClassVar[bool] = False
     #: False for policies whose scores ignore attention (skip computing probs)
     needs_attention: ClassVar[bool] = True
@@ -157,6 +181,14 @@ class BasePolicy:
     recent_window: int | None = None
 
     # ---------------------------------------------------------------- construction
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "accumulate" in cls.__dict__:
+            # the C++ / Triton kernels fuse this rule into attention; an override would pass the
+            # dense oracle and be silently ignored while serving
+            raise TypeError(f"{cls.__name__} overrides accumulate(): the kernels run one fixed rule "
+                            "(acc += w * group-mean(probs)); express a policy through query_weights() and score()")
+
     @classmethod
     def from_config(cls, cfg) -> "BasePolicy":
         return cls(sinks=cfg.sinks, recent_window=cfg.recent_window)
@@ -164,18 +196,29 @@ class BasePolicy:
     # ---------------------------------------------------------------- windows
     default_sinks: ClassVar[int] = 0
 
-    def default_recent(self, budget: IntOrTensor) -> IntOrTensor:
+    def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         return 0
 
-    def sinks_recent(self, budget: IntOrTensor) -> tuple[IntOrTensor, IntOrTensor]:
-        """(sinks, recent) protected in a layer whose budget is ``budget`` (int or LongTensor)."""
+    def sinks_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> tuple[IntOrTensor, IntOrTensor]:
+        """(sinks, recent) protected in a layer whose budget is ``budget`` when it compacts
+        ``count`` held tokens (ints or LongTensors; ``count`` None: not known)."""
         s = self.sinks if self.sinks is not None else self.default_sinks
-        r = self.recent_window if self.recent_window is not None else self.default_recent(budget)
+        r = self.recent_window if self.recent_window is not None else self.default_recent(budget, count)
         return s, r
 
+    @property
+    def resets_scores(self) -> bool:
+        """Whether kept tokens restart from score 0 after a compaction."""
+        return self.reset_after_compaction
+
     # ---------------------------------------------------------------- hooks
-    def query_weights(self, chunk_start: int, chunk_len: int, num_computed_after: int, is_prefill: bool) -> torch.Tensor:
-        """[chunk_len] float32: how much each query of this step adds to key scores."""
+    def query_weights(self, chunk_start: int, chunk_len: int, num_computed_after: int, is_prefill: bool,
+                      prompt_len: int | None = None) -> torch.Tensor:
+        """[chunk_len] float32: how much each query of this step adds to key scores.
+
+        The queries are positions ``chunk_start .. chunk_start + chunk_len - 1``;
+        ``num_computed_after`` = ``chunk_start + chunk_len``; ``prompt_len`` is the
+        request's prompt length (None: unknown, e.g. in unit tests)."""
         return torch.ones(chunk_len, dtype=torch.float32)
 
     def accumulate(
@@ -185,7 +228,8 @@ class BasePolicy:
         weights: torch.Tensor,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``acc + sum_q w_q * mean_{h in group}(probs[h, q, :])``.
+        """``acc + sum_q w_q * mean_{h in group}(probs[h, q, :])`` -- the one rule the kernels
+        run (fused into attention), so subclasses may not override it.
 
         ``acc``: ``[..., H_kv, K0]`` with ``K0 <= K`` (zero-padded to ``K`` on the
         right: the step's new keys start at score 0). ``probs``: ``[..., H_q, Q, K]``.
@@ -210,7 +254,6 @@ class BasePolicy:
         """[..., H_kv, K] ranking scores from the accumulated ones (identity by default)."""
         return acc
 
-    select = staticmethod(select)
 
 
 def compress_step(
@@ -227,10 +270,10 @@ def compress_step(
     ``(kept_slots [..., H_kv, n] ascending, -1 padded; new_acc [..., H_kv, n])``;
     padded entries of ``new_acc`` are 0.
     """
-    sinks, recent = policy.sinks_recent(budget)
+    sinks, recent = policy.sinks_recent(budget, acc.shape[-1] if valid_len is None else valid_len)
     scores = policy.score(acc, valid_len)
     kept = select(scores, keep, sinks, recent, valid_len)
-    if policy.reset_after_compaction:
+    if policy.resets_scores:
         new_acc = torch.zeros(kept.shape, dtype=torch.float32, device=acc.device)
     else:
         new_acc = acc.to(torch.float32).gather(-1, kept.clamp_min(0))
@@ -253,7 +296,7 @@ def select_tokens(
     ``budget``. The last valid slot (the token whose logits are sampled) is always
     kept. Returns ``[..., max(min(keep, valid_len))]`` ascending, ``-1`` padded.
     """
-    sinks, recent = policy.sinks_recent(budget)
+    sinks, recent = policy.sinks_recent(budget, acc.shape[-1] if valid_len is None else valid_len)
     scores = policy.score(acc, valid_len).to(torch.float32).mean(dim=-2, keepdim=True)
     if isinstance(recent, torch.Tensor):
         recent = recent.clamp_min(1)
@@ -269,5 +312,5 @@ class NoPolicy(BasePolicy):
     name: ClassVar[str] = "none"
     needs_attention: ClassVar[bool] = False
 
-    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill):
+    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         return torch.zeros(chunk_len, dtype=torch.float32)

@@ -11,10 +11,22 @@ entries. We keep the scoring and the per-layer retention (the pyramid, see
 ``prefill_drop`` a whole-prompt prefill also drops the hidden states, one token
 set for all heads (``base.select_tokens``, ``schedule.drop_counts``).
 
-One deviation by default: the scores are max-pooled along keys (``kernel`` 7, as
-SnapKV's LongBench configuration) before the top-k. The reference ranks single
-tokens; on the embedded model that kept the first digits of a pass key and lost
-the rest (``kernel=1`` restores the reference ranking; docs/policies.md).
+As in the reference, the observation window's own keys are not ranked: the
+window is kept whole (the protected recent part) and the top-k is taken over
+the context before it.
+
+Deviations by default, each with the option that restores the reference
+(measurements in docs/policies.md):
+
+* a short voting window, ``obs_window`` = 32 queries (like SnapKV's) instead of
+  the last ``obs_window_ratio`` (0.2) of the context: 20% of a 2K prompt is ~400
+  essay tokens whose votes drown the question's (``obs_window: 0`` restores it);
+* the scores are max-pooled along keys (``kernel`` 13) before the top-k, so a
+  multi-token fact survives whole; the reference ranks single tokens, which kept
+  the first digits of a pass key and lost the rest (``kernel: 1`` restores it);
+* prompt scores carry into decode (``reset_scores: false``): decode-time
+  compaction ranks by prefill + decode votes, not by the few decode queries since
+  the last compaction (``reset_scores: true`` is the earlier behaviour).
 """
 
 from __future__ import annotations
@@ -24,43 +36,60 @@ from typing import ClassVar
 
 import torch
 
-from .base import BasePolicy, IntOrTensor, ceil_ratio, pool_scores
+from ..config import DEFAULT_SINKS
+from .base import BasePolicy, IntOrTensor, ceil_ratio, option_default, pool_scores
 
 __all__ = ["PyramidInferPolicy"]
 
 
 @dataclass(frozen=True)
 class PyramidInferPolicy(BasePolicy):
-    """Prefill: the observation window (last ``ceil(obs_window_ratio * C)`` positions
-    of the context, clipped to this chunk) weighs 1.0 (oldest) .. 1.2 (newest),
-    other queries 0; decode: every query weighs 1. Scores are reset after each
-    compaction. Default window: 4 sinks, ``recent = ceil(obs_window_ratio * budget)``."""
+    """Prefill: the observation window (last ``W(C)`` positions of the context,
+    clipped to this chunk) weighs 1.0 (oldest) .. 1.2 (newest), other queries 0;
+    decode: every query weighs 1. ``W(C) = min(obs_window, C)``, or with
+    ``obs_window`` 0 the reference's ``ceil(obs_window_ratio * C)``. Default
+    protected window: 4 sinks and the observation window (``recent = obs_window``,
+    or ``ceil(obs_window_ratio * count)`` of the ``count`` tokens being compacted)."""
 
     name: ClassVar[str] = "pyramid"
-    reset_after_compaction: ClassVar[bool] = True
-    default_sinks: ClassVar[int] = 4
+    default_sinks: ClassVar[int] = DEFAULT_SINKS["pyramid"]
     #: reference configs: ``distance_weight`` = 1.2
     distance_weight: ClassVar[float] = 1.2
 
-    obs_window_ratio: float = 0.2
-    kernel: int = 7
+    #: voting queries (and protected newest tokens); 0 = ``ceil(obs_window_ratio * C)`` (the reference)
+    obs_window: int = option_default("pyramid_window")
+    #: the reference's observation window as a fraction of the context (used when ``obs_window`` is 0)
+    obs_window_ratio: float = option_default("obs_window_ratio")
+    #: max-pool kernel of the scores along keys (odd; 1 = the reference's per-token ranking)
+    kernel: int = option_default("pyramid_kernel")
+    #: restart kept tokens' scores from 0 after each compaction (the earlier behaviour)
+    reset_scores: bool = option_default("reset_scores")
 
     @classmethod
     def from_config(cls, cfg) -> "PyramidInferPolicy":
-        return cls(sinks=cfg.sinks, recent_window=cfg.recent_window, obs_window_ratio=cfg.obs_window_ratio,
-                   kernel=cfg.pyramid_kernel)
+        return cls(sinks=cfg.sinks, recent_window=cfg.recent_window, obs_window=cfg.pyramid_window,
+                   obs_window_ratio=cfg.obs_window_ratio, kernel=cfg.pyramid_kernel, reset_scores=cfg.reset_scores)
 
-    def default_recent(self, budget: IntOrTensor) -> IntOrTensor:
-        return ceil_ratio(budget, self.obs_window_ratio)
+    @property
+    def resets_scores(self) -> bool:
+        return self.reset_scores
 
-    def obs_window(self, num_computed_after: int) -> int:
+    def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
+        if self.obs_window:
+            return self.obs_window
+        return ceil_ratio(budget if count is None else count, self.obs_window_ratio)
+
+    def window_len(self, num_computed_after: int) -> int:
+        """Observation window of a context of ``num_computed_after`` tokens."""
+        if self.obs_window:
+            return min(self.obs_window, int(num_computed_after))
         return ceil_ratio(num_computed_after, self.obs_window_ratio)
 
-    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill):
+    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         if not is_prefill:
             return torch.ones(chunk_len, dtype=torch.float32)
         C = int(num_computed_after)
-        W = max(1, self.obs_window(C))
+        W = max(1, self.window_len(C))
         lo = C - W  # first position of the window
         pos = torch.arange(chunk_start, chunk_start + chunk_len, dtype=torch.float64)
         if W > 1:

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from ..config import DEFAULT_SINKS
 from .base import BasePolicy, IntOrTensor
 
 __all__ = ["StreamingLLMPolicy"]
@@ -24,14 +25,14 @@ class StreamingLLMPolicy(BasePolicy):
     name: ClassVar[str] = "streaming"
     reset_after_compaction: ClassVar[bool] = True
     needs_attention: ClassVar[bool] = False
-    default_sinks: ClassVar[int] = 4
+    default_sinks: ClassVar[int] = DEFAULT_SINKS["streaming"]
 
-    def default_recent(self, budget: IntOrTensor) -> IntOrTensor:
+    def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         s = self.sinks if self.sinks is not None else self.default_sinks
         r = budget - s
         return r.clamp_min(0) if isinstance(r, torch.Tensor) else max(r, 0)
 
-    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill):
+    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         return torch.zeros(chunk_len, dtype=torch.float32)
 
     def score(self, acc, valid_len=None):
