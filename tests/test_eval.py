@@ -229,3 +229,14 @@ def test_orchestration_with_a_fake_worker(tmp_path, monkeypatch):
     assert [(r["policy"], r["retention"]) for r in res["runs"]] == [("full", 1.0), ("streaming", 0.25),
                                                                      ("streaming", 0.5)]
     assert "--resume" not in res["meta"]["command"] and res["meta"]["command"].endswith("--retentions 0.25,0.5")
+
+
+def test_kv_option_overrides_every_policy_run():
+    a = q.parse_args(["--policies", "h2o,pyramid", "--kv", "h2o_kernel=1", "--kv", "reset_scores=true"])
+    assert a.kv == {"h2o_kernel": 1, "reset_scores": True}
+    kw = q.engine_kwargs("h2o", 0.25, "retrieval", a.kv)
+    assert kw["additional_config"] == {"kv_compress": {"policy": "h2o", "budget": 0.25, "h2o_kernel": 1,
+                                                       "reset_scores": True}}
+    for bad in (["--kv", "nope=1"], ["--kv", "policy=h2o"], ["--kv", "h2o_kernel"], ["--kv", "h2o_kernel=2"]):
+        with pytest.raises(SystemExit):
+            q.parse_args(bad)

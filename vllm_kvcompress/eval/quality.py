@@ -299,7 +299,7 @@ def summarize_ppl(windows: list[dict], tail_from: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- engine side (worker subprocess)
-def engine_kwargs(policy: str, retention: float, kind: str) -> dict:
+def engine_kwargs(policy: str, retention: float, kind: str, options: dict | None = None) -> dict:
     kw: dict[str, Any] = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=KV_BYTES,
                               max_model_len=MAX_MODEL_LEN, seed=SEED, block_size=PAGE)
     if kind == "ppl":
@@ -307,16 +307,18 @@ def engine_kwargs(policy: str, retention: float, kind: str) -> dict:
     else:  # retrieval: each prompt is prefilled in one step
         kw.update(max_num_batched_tokens=MAX_MODEL_LEN, enable_chunked_prefill=False)
     if policy != "full":
-        kw["additional_config"] = {"kv_compress": kv_settings(policy, retention)}
+        kw["additional_config"] = {"kv_compress": kv_settings(policy, retention, options)}
     return kw
 
 
-def kv_settings(policy: str, retention: float) -> dict:
-    """The kv_compress mapping of a grid entry (``pyramid+drop``: pyramid with prefill_drop)."""
+def kv_settings(policy: str, retention: float, options: dict | None = None) -> dict:
+    """The kv_compress mapping of a grid entry (``pyramid+drop``: pyramid with prefill_drop),
+    plus ``options`` (``--kv KEY=VALUE``: e.g. an option that restores a paper's reference)."""
     base, _, variant = policy.partition("+")
     d: dict[str, Any] = {"policy": base, "budget": retention}
     if variant == "drop":
         d["prefill_drop"] = True
+    d.update(options or {})
     return d
 
 
@@ -428,14 +430,14 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
             continue
         run: dict[str, Any] = dict(policy=policy, retention=retention, seconds={})
         if policy != "full":  # the resolved settings (policy defaults included) this run used
-            run["kv_compress"] = dataclasses.asdict(KVCompressConfig(**kv_settings(policy, retention)))
+            run["kv_compress"] = dataclasses.asdict(KVCompressConfig(**kv_settings(policy, retention, args.kv)))
         t0 = time.perf_counter()
         jobs = []
         if any(prompts.get(t) for t in RETRIEVAL_TASKS):
-            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "retrieval"),
+            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "retrieval", args.kv),
                              **{t: [dict(ids=it["ids"]) for it in prompts.get(t, [])] for t in RETRIEVAL_TASKS}))
         if prompts["ppl"]:
-            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "ppl"),
+            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "ppl", args.kv),
                              ppl=[dict(ids=it["ids"]) for it in prompts["ppl"]], ppl_tail_from=tail_from))
         for job in jobs:
             res = run_in_subprocess(job, verbose=args.verbose)
@@ -685,6 +687,18 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
+def _kv_option(s: str) -> tuple[str, Any]:
+    import yaml
+
+    key, eq, value = s.partition("=")
+    key = key.strip()
+    names = [f.name for f in dataclasses.fields(KVCompressConfig)]
+    if not eq or key not in names or key in ("policy", "budget"):
+        raise argparse.ArgumentTypeError(f"--kv takes KEY=VALUE with KEY a kv_compress option other than policy/budget, "
+                                         f"got {s!r}")
+    return key, yaml.safe_load(value)
+
+
 def _policies(s: str) -> tuple[str, ...]:
     vals = tuple(x.strip() for x in s.split(",") if x.strip())
     for v in vals:
@@ -707,6 +721,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--ppl-windows", type=int, default=None, help=f"4K perplexity windows (default {PPL_WINDOWS})")
     ap.add_argument("--ppl-len", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)}")
+    ap.add_argument("--kv", type=_kv_option, action="append", default=[], metavar="KEY=VALUE",
+                    help="a kv_compress option for every policy run (repeatable), e.g. h2o_kernel=1 to measure "
+                         "what a default that departs from a paper's reference buys")
     ap.add_argument("--out-dir", type=Path, default=None, help="where results go (default docs/results; "
                                                                f"--quick: {QUICK_OUT_DIR})")
     ap.add_argument("--quick", action="store_true",
@@ -734,6 +751,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.ppl_len = args.ppl_len or q.get("ppl_len", PPL_LEN)
     args.out_dir = args.out_dir or (QUICK_OUT_DIR if args.quick else Path("docs/results"))
     args.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    args.kv = dict(args.kv)
+    for p in args.policies:
+        try:
+            KVCompressConfig(**kv_settings(p, 0.25, args.kv))
+        except ValueError as e:
+            ap.error(str(e))
     for t in args.tasks:
         if t not in TASKS:
             ap.error(f"unknown task {t!r}")
@@ -763,7 +786,7 @@ def build_all_prompts(args) -> tuple[dict, Any]:
 def _grid_key(meta: dict) -> dict:
     """What must match for runs of an earlier result to be reused (--resume)."""
     return {k: meta.get(k) for k in ("lengths", "passkey_depths", "multikey_depths", "ppl_windows", "seed", "engine",
-                                     "prompt_format")}
+                                     "prompt_format", "kv_options")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -795,6 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         multikey_depths=mid_depth_grid(args.multikey_depths) if "multikey" in args.tasks else [],
         ppl_windows=[dict(offset=w["offset"], tokens=len(w["ids"])) for w in prompts["ppl"]],
         engine=dict(retrieval=engine_kwargs("full", 1.0, "retrieval"), ppl=engine_kwargs("full", 1.0, "ppl")),
+        **({"kv_options": args.kv} if args.kv else {}),
         prompt_format=dict(passkey=[PASSKEY_PREFIX, PASSKEY_NEEDLE, PASSKEY_QUESTION],
                            passkey_once=[PASSKEY_PREFIX, PASSKEY_ONCE_NEEDLE, PASSKEY_QUESTION],
                            multikey=[MULTIKEY_PREFIX, MULTIKEY_NEEDLE, MULTIKEY_QUESTION]),
