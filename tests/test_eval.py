@@ -240,3 +240,19 @@ def test_kv_option_overrides_every_policy_run():
     for bad in (["--kv", "nope=1"], ["--kv", "policy=h2o"], ["--kv", "h2o_kernel"], ["--kv", "h2o_kernel=2"]):
         with pytest.raises(SystemExit):
             q.parse_args(bad)
+
+
+def test_ablation_run_without_full_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_worker(job, verbose=False, timeout=0.0):
+        calls.append(job["tag"])
+        return {"seconds": {"start": 0.1}, **{t: [" 0."] * len(job[t]) for t in q.RETRIEVAL_TASKS if job.get(t)}}
+
+    monkeypatch.setattr(q, "run_in_subprocess", fake_worker)
+    argv = ["--policies", "h2o", "--retentions", "0.25", "--lengths", "1024", "--depths", "2", "--tasks",
+            "passkey_once", "--no-full", "--kv", "h2o_kernel=1", "--out-dir", str(tmp_path)]
+    assert q.main(argv) == 0 and calls == ["h2o 0.25"]
+    res = json.loads((tmp_path / "quality.json").read_text())
+    assert res["meta"]["kv_options"] == {"h2o_kernel": 1} and res["runs"][0]["kv_compress"]["h2o_kernel"] == 1
+    assert "| h2o 0.25 | n/a | 0% |" in (tmp_path / "quality.md").read_text()

@@ -405,8 +405,8 @@ def run_in_subprocess(job: dict, verbose: bool = False, timeout: float = 7200.0)
 
 
 # ----------------------------------------------------------------------------- orchestration
-def config_list(policies: Sequence[str], retentions: Sequence[float]) -> list[tuple[str, float]]:
-    return [("full", 1.0)] + [(p, r) for p in policies for r in retentions]
+def config_list(policies: Sequence[str], retentions: Sequence[float], full: bool = True) -> list[tuple[str, float]]:
+    return [("full", 1.0)] * full + [(p, r) for p in policies for r in retentions]
 
 
 def label(policy: str, retention: float) -> str:
@@ -419,7 +419,7 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
 
     runs = list(done)
     have = {(r["policy"], r["retention"]) for r in runs}
-    configs = config_list(args.policies, args.retentions)
+    configs = config_list(args.policies, args.retentions, not getattr(args, "no_full", False))
     tail_from = args.ppl_len // 2
     bar = tqdm(configs, desc="configs", disable=not progress, dynamic_ncols=True)
     for policy, retention in bar:
@@ -555,7 +555,9 @@ def write_markdown(result: dict, path: Path, plots: Sequence[str] = ()) -> Path:
              f"{meta['date']}, {meta['machine']}; model {meta['model']} (float32, greedy, seed {meta['seed']}); "
              f"wall time {meta['runtime_s'] / 60:.1f} min. Retention = `--kv-budget` as a fraction of the prompt "
              f"(mean retained tokens per layer); \"full cache\" is vanilla vLLM (no `kv_compress` config), "
-             f"same engine settings (page size {PAGE}).", ""]
+             f"same engine settings (page size {PAGE})."
+             + (f" Options set for every policy run (`--kv`): `{json.dumps(meta['kv_options'])}`."
+                if meta.get("kv_options") else ""), ""]
     lines += ["## Summary", "",
               "| configuration | passkey (3x) | passkey (once) | multi-key | perplexity (4K, chunk 32) | "
               "perplexity, 2nd half | run time |",
@@ -724,6 +726,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--kv", type=_kv_option, action="append", default=[], metavar="KEY=VALUE",
                     help="a kv_compress option for every policy run (repeatable), e.g. h2o_kernel=1 to measure "
                          "what a default that departs from a paper's reference buys")
+    ap.add_argument("--no-full", action="store_true",
+                    help="skip the full-cache run (ablations compare against a grid that has it)")
     ap.add_argument("--out-dir", type=Path, default=None, help="where results go (default docs/results; "
                                                                f"--quick: {QUICK_OUT_DIR})")
     ap.add_argument("--quick", action="store_true",
