@@ -117,7 +117,7 @@ def test_pyramid_resets_scores_only_when_asked():
     assert torch.count_nonzero(layer.acc) == 0  # reset after the compaction
     layer.step(_p([0.5, 0.25, 0.125, 0.125]))
     assert layer.acc.shape[1] == 3 and torch.count_nonzero(layer.acc) == 0
-    layer = Layer(PyramidInferPolicy(sinks=0, recent_window=1, kernel=1), budget=3)  # default: scores carry
+    layer = Layer(PyramidInferPolicy(sinks=0, recent_window=1, kernel=1, reset_scores=False), budget=3)  # carry
     for probs, _ in H2O_TRACE[:4]:
         layer.step(_p(probs))
     # decode queries weigh 1: acc A=1.875 B=1 C=1 D=.125 -> keep the recent D, then A and C (tie -> newer)
@@ -210,7 +210,10 @@ def test_snapkv_query_weights_and_window():
     probs[0, 5:, 2] = 1.0
     layer = Layer(pol, budget=4)
     assert layer.step(probs, is_prefill=True)[0].tolist() == [2, 5, 6, 7]  # window (3) always kept
-    assert layer.acc[0].tolist() == [3.0, 0.0, 0.0, 0.0]  # the prompt's votes carry into decode
+    assert torch.count_nonzero(layer.acc) == 0  # reset after the compaction (the default)
+    layer = Layer(SnapKVPolicy(window=3, kernel=1, reset_scores=False), budget=4)
+    layer.step(probs, is_prefill=True)
+    assert layer.acc[0].tolist() == [3.0, 0.0, 0.0, 0.0]  # reset_scores false: the prompt's votes carry
     layer = Layer(SnapKVPolicy(window=3, kernel=1, reset_scores=True), budget=4)
     layer.step(probs, is_prefill=True)
     assert torch.count_nonzero(layer.acc) == 0
@@ -335,14 +338,14 @@ def test_registry_and_defaults():
     assert isinstance(h, H2OPolicy) and h.sinks_recent(100) == (0, 50) and h.sinks_recent(101) == (0, 50)
     assert not h.resets_scores and (h.window, h.window_weight, h.kernel) == (32, 1.0, 13)
     p = get_policy(KVCompressConfig(policy="pyramid", budget=0.2))
-    assert isinstance(p, PyramidInferPolicy) and p.sinks_recent(100) == (4, 32) and not p.resets_scores
+    assert isinstance(p, PyramidInferPolicy) and p.sinks_recent(100) == (4, 32) and p.resets_scores
     assert (p.obs_window, p.kernel) == (32, 13)
     p = get_policy(KVCompressConfig(policy="pyramid", budget=0.2, pyramid_window=0, obs_window_ratio=0.25,
-                                    reset_scores=True))
-    assert p.sinks_recent(100) == (4, 25) and p.sinks_recent(100, 400) == (4, 100) and p.resets_scores
+                                    reset_scores=False))
+    assert p.sinks_recent(100) == (4, 25) and p.sinks_recent(100, 400) == (4, 100) and not p.resets_scores
     s = get_policy(KVCompressConfig(policy="snapkv", budget=0.2, snapkv_window=16, snapkv_kernel=7, snapkv_pooling="max"))
     assert isinstance(s, SnapKVPolicy) and (s.window, s.kernel, s.pooling) == (16, 7, "max")
-    assert s.sinks_recent(100) == (0, 16) and not s.resets_scores
+    assert s.sinks_recent(100) == (0, 16) and s.resets_scores
     assert get_policy(KVCompressConfig(policy="snapkv", budget=0.2)).kernel == 13
     h = get_policy(KVCompressConfig(policy="h2o", budget=0.2, h2o_window=8, h2o_window_weight=0, h2o_kernel=5))
     assert (h.window, h.window_weight, h.kernel) == (8, 0.0, 5)

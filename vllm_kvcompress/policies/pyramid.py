@@ -24,9 +24,10 @@ Deviations by default, each with the option that restores the reference
 * the scores are max-pooled along keys (``kernel`` 13) before the top-k, so a
   multi-token fact survives whole; the reference ranks single tokens, which kept
   the first digits of a pass key and lost the rest (``kernel: 1`` restores it);
-* prompt scores carry into decode (``reset_scores: false``): decode-time
-  compaction ranks by prefill + decode votes, not by the few decode queries since
-  the last compaction (``reset_scores: true`` is the earlier behaviour).
+* scores restart from 0 after each compaction (``reset_scores: true``), so a
+  decode-time compaction ranks by the decode queries since the previous one;
+  ``reset_scores: false`` carries the votes over (it cost +10.6% perplexity under
+  chunked prefill at 25%; docs/policies.md).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class PyramidInferPolicy(BasePolicy):
     obs_window_ratio: float = option_default("obs_window_ratio")
     #: max-pool kernel of the scores along keys (odd; 1 = the reference's per-token ranking)
     kernel: int = option_default("pyramid_kernel")
-    #: restart kept tokens' scores from 0 after each compaction (the earlier behaviour)
+    #: restart kept tokens' scores from 0 after each compaction (false: votes carry over)
     reset_scores: bool = option_default("reset_scores")
 
     @classmethod

@@ -13,9 +13,9 @@ GQA group, as we do.
 Deviations by default: the pooling kernel is 13 (wider than the LongBench 7:
 the question attends to a number's first digits, and kernel 7 reached only the
 first four of a 5-digit key on the embedded model; ``kernel: 7`` restores the
-LongBench setting), and prompt scores carry into decode-time compactions
-(``reset_scores: false``; the reference never evicts in decode, we keep the
-budget and rank decode-time evictions by prefill + decode votes).
+LongBench setting). The reference never evicts in decode; we keep the budget
+and rank decode-time evictions by the decode queries since the previous
+compaction (``reset_scores: true``; ``false`` carries the prompt's votes over).
 """
 
 from __future__ import annotations
