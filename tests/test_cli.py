@@ -92,16 +92,16 @@ def test_unsupported_settings_refused_at_parse_time(parser, argv, needle):
     assert needle in msg and "\n" not in msg, msg
 
 
-def test_prefix_caching_stays_on_and_huge_budget_only_warns():
+def test_prefix_caching_stays_on_and_huge_budget_only_warns(capfd):
     import logging
 
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_kvcompress.assets import model_path
 
-    # Read the plugin's log records directly: vLLM's stream handler keeps the sys.stderr it saw
-    # at import, which is a dead capture buffer when an earlier test imported vLLM (capfd then
-    # sees nothing; the test failed only after other test files).
+    # Read the plugin's log records as well as the captured output: vLLM's stream handler keeps
+    # the sys.stderr it saw at import, a dead capture buffer when an earlier test file imported
+    # vLLM (capfd then saw nothing: the test failed after tests/test_foundation.py).
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -113,6 +113,7 @@ def test_prefix_caching_stays_on_and_huge_budget_only_warns():
                          additional_config={"kv_compress": {"policy": "h2o", "budget": 2048}}).create_engine_config()
     finally:
         plugin_logger.removeHandler(handler)
-    text = "\n".join(r.getMessage() for r in records)
+    out = capfd.readouterr()
+    text = "\n".join(r.getMessage() for r in records) + out.out + out.err
     assert cfg.cache_config.enable_prefix_caching is True  # for requests that never evict (prefix_cache)
     assert "nothing will be evicted" in text
