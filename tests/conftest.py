@@ -76,3 +76,34 @@ def essay_prompts():
     long = [text[i * 9000: i * 9000 + 8200] + "\n\nIn summary," for i in range(3)]
     short = [text[50000 + i * 3000: 50000 + i * 3000 + 2600] + "\n\nIn summary," for i in range(3)]
     return {"long": long, "short": short}
+
+
+@pytest.fixture(scope="session")
+def cut_model_dir(model_dir, tmp_path_factory) -> str:
+    """The embedded model cut to its first 2 decoder layers, saved as an HF checkpoint
+    (for engines whose kernels run interpreted: 2 layers instead of 30)."""
+    return cut_checkpoint(model_dir, str(tmp_path_factory.mktemp("cut2")), num_layers=2)
+
+
+def cut_checkpoint(model_dir: str, out_dir: str, num_layers: int) -> str:
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(model_dir), Path(out_dir)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = num_layers
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    keep = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        if name.startswith("model.layers."):
+            if int(name.split(".")[2]) >= num_layers:
+                continue
+        keep[name] = t.contiguous()
+    save_file(keep, str(dst / "model.safetensors"))
+    return str(dst)

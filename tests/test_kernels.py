@@ -2,7 +2,7 @@
 
 Chain of checks:
 * the batched torch references (``ops.*_reference``) equal the per-request
-  reference ops (``ops.accumulate_scores`` / ``ops.compact``) and, for the
+  reference ops (``ops.accumulate_scores`` / ``integration.compaction.compact``) and, for the
   attention output, dense SDPA and vLLM's own CPU attention kernel;
 * the C++ kernels equal the batched references on random and adversarial
   shapes (block boundaries, one-token windows, GQA 1/3/4, D 64/128, window
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from vllm_kvcompress import _ext, ops
+from vllm_kvcompress.integration import compaction
 from vllm_kvcompress.policies import H2OPolicy, PyramidInferPolicy, SnapKVPolicy, StreamingLLMPolicy
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -121,7 +122,7 @@ def test_decode_reference_matches_per_request_ops(G, H, D):
     layer.acc.copy_(acc0)
     for i in range(len(lens)):
         n = int(lens[i])
-        ops.accumulate_scores(layer, H2OPolicy(), bt[i], starts[i], n - 1, q[i : i + 1], w[i : i + 1], scale)
+        ops.accumulate_scores(layer, bt[i], starts[i], n - 1, q[i : i + 1], w[i : i + 1], scale)
         dense = _dense_attention(q[i], layer, bt[i], starts[i], n, scale)
         torch.testing.assert_close(out[i], dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_acc, layer.acc, **ACC_TOL)
@@ -273,7 +274,7 @@ def test_window_reference_matches_accumulate_scores(G, H, D):
     layer.acc.copy_(acc0)
     for i in range(len(lens)):
         q0, q1 = int(qs[i]), int(qs[i + 1])
-        ops.accumulate_scores(layer, H2OPolicy(), bt[i], starts[i], int(nr[i]), q[q0:q1], w[q0:q1], scale)
+        ops.accumulate_scores(layer, bt[i], starts[i], int(nr[i]), q[q0:q1], w[q0:q1], scale)
     torch.testing.assert_close(got, layer.acc, **ACC_TOL)
 
 
@@ -403,7 +404,7 @@ def test_compact_padding_ends_row(cpp):
 @pytest.mark.parametrize("policy", [H2OPolicy(), SnapKVPolicy(), PyramidInferPolicy(), StreamingLLMPolicy(sinks=2)],
                          ids=lambda p: p.name)
 def test_compact_requests_matches_per_request_compact(cpp, policy):
-    """Batched selection + move == the per-request reference ops.compact."""
+    """Batched selection + move == the per-request reference compaction.compact."""
     gen = torch.Generator().manual_seed(17)
     H, D, bs = 2, 64, 16
     spec = [(40, 20, 0, 1, 24), (70, 33, 1, 3, 33), (17, 17, 0, 0, 20), (100, 48, 2, 5, 40)]  # count, keep, S, S', B
@@ -416,9 +417,9 @@ def test_compact_requests_matches_per_request_compact(cpp, policy):
     c2 = cache.clone()
     k2, v2 = c2.chunk(2, dim=2)
     l2 = ops.paged_view(k2, v2, layer.acc.clone())
-    want = [ops.compact(l2, policy, bt[i], s, c, s2, k, b) for i, (c, k, s, s2, b) in enumerate(spec)]
+    want = [compaction.compact(l2, policy, bt[i], s, c, s2, k, b) for i, (c, k, s, s2, b) in enumerate(spec)]
     col = lambda j: torch.tensor([x[j] for x in spec])  # noqa: E731
-    kept = ops.compact_requests(layer, policy, bt, col(2), col(0), col(3), col(1), col(4))
+    kept = compaction.compact_requests(layer, policy, bt, col(2), col(0), col(3), col(1), col(4))
     for i, w in enumerate(want):
         assert torch.equal(kept[i, :, : w.shape[1]], w)
         assert (kept[i, :, w.shape[1]:] == -1).all()

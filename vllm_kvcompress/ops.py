@@ -1,37 +1,40 @@
 """Compression ops on the paged KV cache: dispatch + torch references.
 
-The backend calls two ops per compressed layer and step:
+The ops run ONE fixed scoring rule and move what they are told to move; which
+tokens survive is decided above them (``vllm_kvcompress.integration.compaction``
+calls the policy's selection), so this module imports neither the policies nor
+vLLM.
 
-* :func:`accumulate_scores` — attention probabilities of this step's weighted
-  queries over each request's retained + new keys, folded into the float32
-  score cache (the H2O accumulator; the observation-window scores of
-  PyramidInfer / SnapKV);
-* :func:`compact` — per request and KV head, keep the policy's choice of
-  ``R'`` slots and move their keys, values and scores to the front of the
-  request's new window (``vllm_kvcompress.paging``).
-
-Cache layout (vLLM CPU_ATTN "vec" ISA, checked at start-up by
-:func:`check_layout`): the layer cache ``[num_blocks, H, 2*block_size, D]`` is
-split into key and value halves; a (block, head) key page is stored transposed,
-``[D, block_size]``; a value page is ``[block_size, D]``. Scores are
-``[num_blocks, H, block_size]`` float32.
-
-Batched ops (one call per layer and step for all requests; padded torch
-references beside the kernels):
+Batched ops (one call per layer and step for all requests; a padded torch
+reference beside each kernel):
 
 * :func:`decode_attention_scores` — paged decode attention over each request's
   window fused with the score update of the step (one query per request);
-* :func:`window_scores` — the batched :func:`accumulate_scores` for prefill
-  chunks (weighted causal queries against the window);
-* :func:`compact_windows` — the batched move part of :func:`compact`
-  (selection stays in torch: :func:`compact_requests` = batched
-  ``compress_step`` + :func:`compact_windows`).
+* :func:`window_scores` — attention probabilities of the step's weighted
+  queries over each request's retained + new keys, folded into the float32
+  score cache (prefill chunks; ``acc[p] += sum_q w_q * mean_g(probs[q, g, p])``:
+  the H2O accumulator, the observation-window scores of PyramidInfer / SnapKV);
+* :func:`compact_windows` — per request and KV head, move the kept slots'
+  keys, values and scores to the front of the request's new window
+  (``vllm_kvcompress.paging``).
+
+:func:`accumulate_scores` is the per-request torch reference of the scoring
+rule (tests check the batched references against it).
+
+Cache views (:class:`PagedLayer`): a key page per (block, head) seen as
+``k_t [num_blocks, H, D, block_size]``, values as ``v [num_blocks, H,
+block_size, D]``, scores ``acc [num_blocks, H, block_size]`` float32. They are
+views, so any physical layout with these logical axes works: vLLM's CPU_ATTN
+"vec" pages (key page stored transposed, checked at start-up by the CPU
+backend) and TRITON_ATTN's ``[num_blocks, block_size, H, D]`` halves (strided).
 
 Dispatch (``VLLM_KVCOMPRESS_OPS``): ``auto`` (default) uses the C++ kernels on
 CPU tensors when the extension builds/loads (``vllm_kvcompress._ext``), the
 Triton kernels on CUDA tensors when triton is importable, else the torch
 reference; ``reference`` forces the torch reference; ``cpp`` / ``triton``
-require that implementation (error if it is unavailable).
+require that implementation (error if it is unavailable). ``triton`` on CPU
+tensors runs the Triton kernels in Triton's interpreter and needs
+``TRITON_INTERPRET=1`` (tests, and debugging the GPU path without a GPU).
 """
 
 from __future__ import annotations
@@ -40,8 +43,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-
-from vllm_kvcompress.policies import BasePolicy, compress_step
 
 IMPL = os.environ.get("VLLM_KVCOMPRESS_OPS", "auto").strip().lower() or "auto"
 _IMPLS = ("auto", "reference", "cpp", "triton")
@@ -80,6 +81,8 @@ class PagedLayer:
 
 
 def paged_view(key_cache: torch.Tensor, value_cache: torch.Tensor, acc: torch.Tensor | None) -> PagedLayer:
+    """Views of vLLM CPU_ATTN "vec" halves ``[nb, H, bs, D]`` (the key half holds each
+    page transposed, so it is reinterpreted as ``[nb, H, D, bs]``)."""
     nb, h, bs, d = value_cache.shape
     return PagedLayer(k_t=key_cache.view(nb, h, d, bs), v=value_cache, acc=acc)
 
@@ -90,9 +93,10 @@ def window_slots(block_row: torch.Tensor, start_entry: int, count: int, block_si
     return block_row[start_entry + p // block_size].long(), p % block_size
 
 
-def accumulate_scores(layer: PagedLayer, policy: BasePolicy, block_row: torch.Tensor, start_entry: int,
-                      num_retained: int, query: torch.Tensor, weights: torch.Tensor, scale: float) -> None:
-    """Fold one request's step into its score window (torch reference).
+def accumulate_scores(layer: PagedLayer, block_row: torch.Tensor, start_entry: int, num_retained: int,
+                      query: torch.Tensor, weights: torch.Tensor, scale: float) -> None:
+    """Fold one request's step into its score window (per-request torch reference of
+    the one scoring rule every kernel runs: ``acc[p] += sum_q w_q * mean_g(probs[q, g, p])``).
 
     ``query`` [n, H_q, D] are the step's queries (the new tokens sit at window
     slots ``num_retained .. num_retained+n-1``, causal); ``weights`` [n].
@@ -115,49 +119,9 @@ def accumulate_scores(layer: PagedLayer, policy: BasePolicy, block_row: torch.Te
         mask = torch.arange(count)[None, :] > qpos[:, None]  # [m, count] future keys
         logits.masked_fill_(mask, float("-inf"))
         probs = torch.softmax(logits, dim=-1).reshape(h_kv * g, rows.numel(), count)
-        acc = policy.accumulate(acc, probs, weights[rows])
+        acc = acc + torch.einsum("hmk,m->hk", probs.reshape(h_kv, g, rows.numel(), count).mean(1),
+                                 weights[rows].to(torch.float32))
     layer.put(blk, off, acc=acc)
-
-
-def compact(layer: PagedLayer, policy: BasePolicy, block_row: torch.Tensor, old_start: int, count: int,
-            new_start: int, keep: int, budget: int) -> torch.Tensor:
-    """Keep ``keep`` of a request's ``count`` window slots per KV head; move them
-    (ascending order) to slots ``0..keep-1`` of the window at ``new_start``.
-    Returns the kept old slot indices [H, keep]."""
-    bs = layer.block_size
-    blk, off = window_slots(block_row, old_start, count, bs)
-    acc = layer.scores(blk, off) if layer.acc is not None else torch.zeros(layer.v.shape[1], count)
-    kept, new_acc = compress_step(policy, acc, keep, budget)  # [H, keep]
-    keys = layer.keys(blk, off)  # [count, H, D]
-    vals = layer.values(blk, off)
-    h_idx = torch.arange(kept.shape[0])[:, None]
-    k_sel = keys[kept, h_idx]  # [H, keep, D]
-    v_sel = vals[kept, h_idx]
-    dblk, doff = window_slots(block_row, new_start, keep, bs)
-    layer.put(dblk, doff, k=k_sel.transpose(0, 1), v=v_sel.transpose(0, 1),
-              acc=new_acc if layer.acc is not None else None)
-    return kept
-
-
-def check_layout(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
-    """Write known keys/values with vLLM's own cache-write op and read them back
-    through :class:`PagedLayer`; refuse to run on a layout we do not know."""
-    from vllm import _custom_ops as vllm_ops
-
-    _, h, bs, d = value_cache.shape
-    kc = torch.zeros(2, h, 2 * bs, d, dtype=value_cache.dtype)
-    k_half, v_half = kc.chunk(2, dim=2)
-    t = 3
-    key = torch.randn(t, h, d).to(value_cache.dtype)
-    val = torch.randn(t, h, d).to(value_cache.dtype)
-    slots = torch.tensor([0, bs - 1, bs + 1], dtype=torch.long)
-    vllm_ops.cpu_attn_reshape_and_cache(key, val, k_half, v_half, slots, "vec", k_scale=1.0, v_scale=1.0,
-                                        kv_cache_dtype="auto")
-    view = paged_view(k_half, v_half, None)
-    blk, off = slots // bs, slots % bs
-    if not (torch.equal(view.keys(blk, off), key) and torch.equal(view.values(blk, off), val)):
-        raise RuntimeError("vllm-kvcompress: the CPU attention KV-cache layout is not the one this release "
-                           "was built for (vLLM 0.32 'vec' pages); refusing to run compressed layers")
 
 
 # ====================================================================== batched kernels
@@ -195,6 +159,8 @@ def impl_for(device: torch.device | str) -> str:
     if device.type == "cuda" and impl in ("auto", "triton"):
         if triton_available():
             return "triton"
+    if device.type == "cpu" and impl == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and triton_available():
+        return "triton"  # Triton's interpreter (tests / debugging the GPU path on CPU)
     if impl in ("cpp", "triton"):
         raise RuntimeError(f"VLLM_KVCOMPRESS_OPS={impl} is not available for {device.type} tensors")
     return "reference"
@@ -440,27 +406,3 @@ def read_scores(layer: PagedLayer, block_table: torch.Tensor, start: torch.Tenso
     width = max(int(count.max()), 1) if len(count) else 1
     blk, off, valid = _window_index(block_table, count, layer.block_size, width, start=start)
     return layer.acc.permute(0, 2, 1)[blk, off].masked_fill(~valid[..., None], 0.0).transpose(1, 2)
-
-
-def compact_requests(layer: PagedLayer, policy: BasePolicy, block_table: torch.Tensor, old_start: torch.Tensor,
-                     count: torch.Tensor, new_start: torch.Tensor, keep: torch.Tensor,
-                     budget: torch.Tensor) -> torch.Tensor:
-    """Batched :func:`compact` for several requests (all tensors indexed by the
-    same rows; ``block_table`` unshifted). Selection runs batched in torch
-    (``compress_step`` with ``valid_len=count``), the move in
-    :func:`compact_windows`. Returns kept slots ``[R, H, Kmax]`` (-1 padded)."""
-    dev = layer.v.device
-    R, H = block_table.shape[0], layer.v.shape[1]
-    count = count.to(device=dev, dtype=torch.long)
-    keep = keep.to(device=dev, dtype=torch.long)
-    budget = budget.to(device=dev, dtype=torch.long)
-    old_start = old_start.to(device=dev, dtype=torch.long)
-    new_start = new_start.to(device=dev, dtype=torch.long)
-    if layer.acc is not None:
-        scores = read_scores(layer, block_table, old_start, count)
-    else:
-        scores = torch.zeros(R, H, max(int(count.max()), 1) if R else 1, device=dev)
-    kept, new_acc = compress_step(policy, scores, keep, budget, valid_len=count)
-    compact_windows(layer.k_t, layer.v, layer.acc, block_table, old_start, new_start, kept,
-                    torch.minimum(keep, count), new_acc if layer.acc is not None else None)
-    return kept

@@ -16,26 +16,36 @@ made ``C`` tokens computed — before the scheduler frees anything. The ``n``
 tokens of the next step land at window slots ``R(C) .. R(C)+n-1``, which always
 fall inside the row vLLM allocates (``S*bs + R + n <= C + n``).
 
-Nothing here talks to the other side: both compute the same numbers from
-``(C, B, I, bs)``.
+Example (``B = 8``, ``I = 4``, ``bs = 4``)::
+
+    C      : 8  9 10 11 12 13
+    R(C)   : 8  9 10 11  8  9     (grows to B + I - 1, compacts back to B)
+    S(C)   : 0  0  0  0  1  1     (entry 0 is freed once 4 tokens are evicted)
+
+Nothing here talks to the other side: the scheduler's KV manager
+(``integration.kv_manager``) and the workers' metadata builders
+(``integration.step_plan``) call these same functions with ``(C, B, I, bs)``.
+Every function takes ints (returns an int) or numpy arrays (returns an array).
 """
 
 from __future__ import annotations
 
 from vllm_kvcompress.policies.schedule import retained_count
 
+__all__ = ["retained_count", "evicted_count", "window_start", "live_blocks"]
 
-def evicted_count(num_computed: int, budget: int, interval: int) -> int:
+
+def evicted_count(num_computed, budget, interval):
     """Tokens a layer has evicted once ``num_computed`` tokens are computed."""
     return num_computed - retained_count(num_computed, budget, interval)
 
 
-def window_start(num_computed: int, budget: int, interval: int, block_size: int) -> int:
+def window_start(num_computed, budget, interval, block_size):
     """First live block-table entry of a compressed layer (entries before it are freed)."""
     return evicted_count(num_computed, budget, interval) // block_size
 
 
-def live_blocks(num_computed: int, num_new: int, budget: int, interval: int, block_size: int) -> int:
+def live_blocks(num_computed, num_new, budget, interval, block_size):
     """Pages a request holds in a compressed group while it computes ``num_new`` tokens."""
     total_entries = -(-(num_computed + num_new) // block_size)
     return total_entries - window_start(num_computed, budget, interval, block_size)

@@ -22,7 +22,6 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_kvcompress import paging
-from vllm_kvcompress.policies.schedule import retained_count
 
 #: request id -> the request's own ``kv_budget`` (filled by ``integration.request_budget``
 #: when the scheduler admits a request, dropped when it is freed for good)
@@ -30,6 +29,13 @@ REQUEST_BUDGETS: dict[str, float | int] = {}
 
 
 class CompressedKVCacheManager(FullAttentionManager):
+    """vLLM's full-attention manager whose requests hold only their compacted window.
+
+    After a step brings a request to ``C`` computed tokens, its entries before
+    ``paging.window_start(C, budget, interval, block_size)`` are freed (nulled),
+    as ``SlidingWindowManager`` frees pages that left its window.
+    """
+
     def __init__(self, kv_cache_spec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         cfg = kv_cache_spec.compress_config
@@ -62,11 +68,11 @@ class CompressedKVCacheManager(FullAttentionManager):
             return
         c = processed_computed_tokens
         budget = self.budget(num_prompt_tokens, request_id)
-        kept = retained_count(c, budget, self.interval)
+        kept = paging.retained_count(c, budget, self.interval)
         prev_c, prev_kept = self.req_tokens.get(request_id, (0, 0))
         self.evicted_tokens += max((c - kept) - (prev_c - prev_kept), 0) * self.num_layers
         self.req_tokens[request_id] = (c, kept)
-        start = (c - kept) // self.block_size  # == paging.window_start(c, budget, interval, block_size)
+        start = paging.window_start(c, budget, self.interval, self.block_size)
         if start > 0:
             blocks = self.req_to_blocks[request_id]
             end = min(start, len(blocks))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..config import KVCompressConfig
 
 __all__ = [
@@ -32,16 +34,20 @@ UNBOUNDED: int = 1 << 60
 
 
 # ---------------------------------------------------------------------------- retained count
-def retained_count(num_computed: int, budget: int, interval: int) -> int:
+def retained_count(num_computed, budget, interval):
     """Tokens a layer holds after a step that brought its computed context to ``num_computed``.
 
     ``C if C <= budget else budget + (C - budget) % interval``: a layer grows to
     ``budget + interval - 1`` and then compacts back to ``budget``.
+
+    The one home of this rule (``vllm_kvcompress.paging`` derives the page
+    window from it). Ints in, int out; numpy arrays (any argument) in, an int64
+    array out (the worker evaluates a whole batch at once).
     """
-    c = int(num_computed)
-    if c <= budget:
-        return c
-    return budget + (c - budget) % interval
+    c = np.asarray(num_computed, dtype=np.int64)
+    b = np.asarray(budget, dtype=np.int64)
+    held = np.where(c <= b, c, b + (c - b) % np.int64(interval))
+    return int(held) if held.ndim == 0 else held
 
 
 def max_slots(budget: int, interval: int, chunk: int) -> int:

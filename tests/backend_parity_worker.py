@@ -1,0 +1,121 @@
+"""One engine run of the backend-parity test (tests/test_triton_backend.py), in its
+own process because the backend and the Triton interpreter are chosen by
+environment variables read at import.
+
+    python tests/backend_parity_worker.py MODEL_DIR OUT_JSON POLICY[,POLICY...]
+
+For each policy: a float32 engine on MODEL_DIR (block 32, budget 96 tokens, chunks
+of at most 64 tokens) runs one scripted batch, greedy:
+
+* ``long``: a ~200-token prompt, prefilled in 4 chunks;
+* ``a``: a ~130-token prompt;
+* ``own``: a ~110-token prompt with its own ``kv_budget`` of 64 tokens;
+* ``late``: a ~140-token prompt added after 4 steps, so its prefill shares steps
+  with the others' decodes.
+
+It writes every request's generated token ids and, after every engine step, the
+true token positions each running request retains per layer and KV head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ["VLLM_KVCOMPRESS_TRACK_POSITIONS"] = "1"
+
+N_OUT = 24
+BUDGET = 96
+
+
+def _prompts(tok) -> dict[str, list[int]]:
+    from vllm_kvcompress.assets import essays_text
+
+    text = essays_text()
+    out = {}
+    for name, (at, tokens) in {"long": (1000, 200), "a": (20000, 130), "own": (40000, 110), "late": (60000, 140)}.items():
+        ids = tok(text[at: at + 8 * tokens]).input_ids[:tokens]
+        out[name] = ids
+    return out
+
+
+def _positions(llm, sched) -> dict[str, list]:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    from vllm_kvcompress import paging
+
+    kvm = sched.kv_cache_manager
+    groups = kvm.kv_cache_config.kv_cache_groups
+    managers = kvm.coordinator.single_type_managers
+    ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    out = {}
+    for rid, req in sched.requests.items():
+        if req.request_id not in managers[0].req_to_blocks:
+            continue
+        c = req.num_computed_tokens
+        if c == 0:
+            continue
+        for g, group in enumerate(groups):
+            m = managers[g]
+            budget = m.budget(req.num_prompt_tokens, req.request_id)
+            start = paging.window_start(c, budget, m.interval, m.block_size)
+            live = [b.block_id for b in m.req_to_blocks[req.request_id]][start:]
+            count = paging.retained_count(c, budget, m.interval)
+            for name in group.layer_names:
+                pos = ctx[name].impl.retained_positions(live, count)
+                out[f"{rid.split('-')[0]}/L{extract_layer_index(name)}"] = pos.tolist()
+    return out
+
+
+def run(model_dir: str, policy: str) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = _prompts(tok)
+    llm = LLM(model_dir, dtype="float32", enforce_eager=True, seed=0, block_size=32, max_model_len=512,
+              max_num_batched_tokens=64, kv_cache_memory_bytes=32 << 20,
+              additional_config={"kv_compress": {"policy": policy, "budget": BUDGET}})
+    eng = llm.llm_engine
+    sched = eng.engine_core.engine_core.scheduler
+
+    def add(name: str, **extra) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=N_OUT, ignore_eos=True, extra_args=extra or None)
+        eng.add_request(name, TokensPrompt(prompt_token_ids=prompts[name]), params)
+
+    add("long")
+    add("a")
+    add("own", kv_budget=64)
+    tokens: dict[str, list[int]] = {}
+    steps = []
+    step = 0
+    while eng.has_unfinished_requests():
+        if step == 4:
+            add("late")
+        for o in eng.step():
+            if o.finished:
+                tokens[o.request_id.split("-")[0]] = list(o.outputs[0].token_ids)
+        steps.append(_positions(llm, sched))
+        step += 1
+    from vllm_kvcompress import ops
+
+    ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    impls = sorted({type(m.impl).__name__ for m in ctx.values() if hasattr(m, "impl")})
+    llm.llm_engine.engine_core.shutdown()
+    return {"tokens": tokens, "positions": steps, "impl": impls, "ops": ops.impl_for("cpu")}
+
+
+def main() -> None:
+    model_dir, out, policies = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    result = {p: run(model_dir, p) for p in policies}
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
