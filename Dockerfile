@@ -3,10 +3,14 @@
 #   docker build -t vllm-kvcompress .
 #   docker run --rm -p 8000:8000 vllm-kvcompress MODEL --kv-policy pyramid --kv-budget 0.25
 #
-# The base is vLLM's official CPU server image of the pinned version: the
-# compressed attention backend runs on vLLM's CPU build in this release. With
-# --build-arg BASE=vllm/vllm-openai:v0.32.0 (the CUDA image) the plugin loads but
-# refuses a policy at start-up until its CUDA backend lands (--kv-policy none works).
+# The base is vLLM's official CPU server image of the pinned version. For GPUs:
+#
+#   docker build --build-arg BASE=vllm/vllm-openai:v0.32.0 -t vllm-kvcompress:cuda .
+#   docker run --gpus all --rm -p 8000:8000 vllm-kvcompress:cuda MODEL --kv-policy pyramid --kv-budget 0.25
+#
+# On CUDA a policy serves through the plugin's Triton backend (docs/gpu.md: what it
+# changes at start-up, what is verified where). The C++ CPU kernels in csrc/ are
+# built on first use on CPU only; the CUDA image never builds them.
 # (Not built in our CI: these machines have no Docker.)
 ARG BASE=public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0
 FROM ${BASE}

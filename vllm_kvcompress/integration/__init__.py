@@ -12,8 +12,9 @@ module                 vLLM symbol it patches / registers
 ``free_order``         ``KVCacheCoordinator.free``,
                        ``KVCacheCoordinator.pop_blocks_for_free``
 ``model_runner``       ``GPUModelRunner._build_attention_metadata``
-``attention_backend``  ``AttentionBackendEnum.CPU_ATTN`` / ``CUSTOM`` via
-                       ``register_backend``
+``attention_backend``  ``AttentionBackendEnum.CPU_ATTN`` and ``CUSTOM`` via
+                       ``register_backend`` (the CPU backend lives here; CUSTOM
+                       is ``attention_triton``'s, selected on CUDA)
 ``prefill_drop``       ``CPUModelRunner.load_model``, ``GPUModelRunner.load_model``
                        (hooks on the decoder layers for ``--kv-prefill-drop``)
 ``prefix_cache``       ``KVCacheManager.prefix_cache_lookup_enabled``
@@ -22,6 +23,19 @@ module                 vLLM symbol it patches / registers
 ``metrics``            ``Scheduler.make_stats``, ``Scheduler.shutdown``; its
                        ``KVCompressStatLogger`` is the ``vllm.stat_logger_plugins``
                        entry point (Prometheus series on ``/metrics``)
+=====================  ==========================================================
+
+Modules that patch nothing (called by the ones above):
+
+=====================  ==========================================================
+``step_plan``          the device-neutral half of both attention backends: window
+                       mapping (builder mixin), ``StepPlan``, the compression flow
+                       of one layer and step (impl mixin)
+``attention_triton``   the Triton backend (vLLM's TRITON_ATTN + our Triton kernels)
+``triton_compat``      seams that run vLLM's Triton ops on CPU under
+                       ``TRITON_INTERPRET=1`` (tests, debugging the GPU path)
+``compaction``         selection (the policy's) + the batched move (``ops``)
+``common``             ``patch_method``, the config carried by vLLM, the logger
 =====================  ==========================================================
 
 ``apply_all()`` is what the ``vllm.general_plugins`` entry point runs, in every

@@ -16,7 +16,7 @@ debugging the GPU path without a GPU).
 
 Adding a backend (FlashInfer, say): one module with a ``*Backend`` / builder /
 impl that mix in ``step_plan``'s two classes and implement the four impl hooks,
-plus one ``register_backend`` line in :func:`apply` (docs/architecture.md).
+plus one ``register_backend`` line in :func:`apply` (docs/gpu.md).
 """
 
 from __future__ import annotations
