@@ -29,6 +29,9 @@ class StepContext:
     #: the step's prefill_drop.DropPlan, built by the first compressed group's builder
     #: (False: no request drops this step)
     drop_plan: object | None = None
+    #: the hook below ran at least once in this process (a model runner that bypasses
+    #: it, e.g. vLLM's Model Runner V2, would leave compressed layers unmapped)
+    hooked: bool = False
 
 
 def _request_info(runner, num_reqs: int, prompt_lens: np.ndarray) -> tuple[list | None, np.ndarray]:
@@ -57,6 +60,7 @@ def apply() -> None:
         def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
             batch = self.input_batch
             StepContext.drop_plan = None
+            StepContext.hooked = True
             if batch.num_reqs >= num_reqs > 0:
                 StepContext.prompt_lens = batch.num_prompt_tokens[:num_reqs].astype(np.int64)
                 StepContext.request_budgets, StepContext.max_lens = _request_info(

@@ -117,6 +117,10 @@ class CompressedBuilderMixin:
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         prompt_lens = StepContext.prompt_lens
         cm = common_attn_metadata
+        if self.compressed and not StepContext.hooked:
+            raise RuntimeError("vllm-kvcompress: compressed attention metadata was built outside "
+                               "GPUModelRunner._build_attention_metadata (Model Runner V2?); this release "
+                               "needs vLLM's V1 model runner")
         if not self.compressed or prompt_lens is None:
             return super().build(common_prefix_len, cm, fast_build)
         if len(prompt_lens) != cm.num_reqs:
