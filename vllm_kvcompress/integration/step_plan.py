@@ -299,9 +299,11 @@ class CompressedImplMixin:
         dev = query.device
         if plan.weights is not None and not plan.scored:
             t = plan.num_tokens
-            ops.window_scores(query[:t].view(t, self.num_heads, self.head_size), plan.on(dev, "query_start"),
-                              layer.k_t, md.block_table, md.seq_lens, plan.on(dev, "retained"),
-                              plan.on(dev, "weights"), self.scale, self._acc)
+            # the per-request numbers stay on the host: the kernels build their index
+            # lists there (no device-to-host synchronisation on CUDA)
+            ops.window_scores(query[:t].view(t, self.num_heads, self.head_size), torch.from_numpy(plan.query_start),
+                              layer.k_t, md.block_table, md.seq_lens, torch.from_numpy(plan.retained),
+                              plan.weights, self.scale, self._acc)
         if plan.drop is not None and plan.drop.shrinks_after(self._layer_index(attn_layer)):
             plan.drop.select(self._layer_index(attn_layer), plan, layer)  # before compaction moves the scores
         if plan.positions is not None:

@@ -207,24 +207,32 @@ def window_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Ten
     sl = seq_lens.to(device=dev, dtype=torch.int32).contiguous()
     nr = num_retained.to(device=dev, dtype=torch.int32).contiguous()
     _zero_new_kernel[(R, H)](acc, bt, sl, nr, acc.stride(0), acc.stride(1), acc.stride(2), bt.stride(0), BS=bs)
-    # the weighted queries, grouped by request (token index, window slot, weight)
-    qs = query_start.to(device=dev, dtype=torch.long)
+    # The weighted queries, grouped by request (token index, window slot, weight).
+    # Built where query_start / num_retained / weights live: given on the host (as
+    # the backend does) this needs no device-to-host synchronisation; a request with
+    # queries always has seq_len >= 1, so only the weights select.
+    hdev = query_start.device
+    qs = query_start.to(dtype=torch.long)
     n_tok = int(qs[-1])
-    tok_req = torch.repeat_interleave(torch.arange(R, device=dev), qs.diff())
-    w_all = weights[:n_tok].to(device=dev, dtype=torch.float32)
-    sel = torch.nonzero((w_all > 0) & (sl.long()[tok_req] > 0)).flatten()
+    tok_req = torch.repeat_interleave(torch.arange(R, device=hdev), qs.diff())
+    w_all = weights[:n_tok].to(device=hdev, dtype=torch.float32)
+    sel = torch.nonzero(w_all > 0).flatten()
     if sel.numel() == 0:
         return
     req = tok_req[sel]
-    slot = (nr.long()[req] + (sel - qs[req])).to(torch.int32)
+    slot = (num_retained.to(device=hdev, dtype=torch.long)[req] + (sel - qs[req])).to(torch.int32)
     cnt = torch.bincount(req, minlength=R)
-    ws = torch.zeros(R + 1, device=dev, dtype=torch.int32)
+    ws = torch.zeros(R + 1, device=hdev, dtype=torch.int32)
     ws[1:] = torch.cumsum(cnt, 0)
     GP = _p2(G)
     bq = max(1, _p2(block_rows) // GP)  # BQ * GP query-head rows per program (>= 16 for tl.dot)
     grid = (R, H, triton.cdiv(int(cnt.max()), bq))
+
+    def on_dev(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().to(dev, non_blocking=True)
+
     _window_kernel[grid](
-        query, k_t, bt, sl, sel.contiguous(), slot.contiguous(), w_all[sel].contiguous(), ws, acc,
+        query, k_t, bt, sl, on_dev(sel), on_dev(slot), on_dev(w_all[sel]), on_dev(ws), acc,
         query.stride(0), query.stride(1), k_t.stride(0), k_t.stride(1), k_t.stride(2), k_t.stride(3),
         acc.stride(0), acc.stride(1), acc.stride(2), bt.stride(0), float(scale),
         G=G, GP=GP, D=D, DP=max(_p2(D), 16), BS=bs, BQ=bq)
