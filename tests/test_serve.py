@@ -30,11 +30,33 @@ def server(tmp_path_factory):
         demo.stop_server(proc)
 
 
+# The clients drop a pooled connection after 1 s idle, well inside vLLM's keep-alive
+# timeout (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s). httpx's default expiry is also 5 s, so a
+# connection idle for just under 5 s can be reused as the server closes it: the request
+# never reaches vLLM and the SDK raises APIConnectionError (the soak flake of issue #16;
+# reproduced by scripts/keepalive_race.py). max_retries=0 keeps every real failure visible.
+KEEPALIVE_S = 1.0
+
+
+def _limits():
+    import httpx
+
+    return httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=KEEPALIVE_S)
+
+
+def async_client(timeout: float):
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+
+    return AsyncOpenAI(base_url=BASE, api_key="none", max_retries=0, timeout=timeout,
+                       http_client=DefaultAsyncHttpxClient(limits=_limits()))
+
+
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
+    from openai import DefaultHttpxClient, OpenAI
 
-    return OpenAI(base_url=BASE, api_key="none", max_retries=0, timeout=600)
+    return OpenAI(base_url=BASE, api_key="none", max_retries=0, timeout=600,
+                  http_client=DefaultHttpxClient(limits=_limits()))
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +198,6 @@ def test_metrics_show_compression(client, long_prompt):
 
 # ---------------------------------------------------------------- soak (bounded, loopback only)
 def test_soak_500_mixed_requests_with_aborts(client, long_prompt):
-    from openai import AsyncOpenAI
-
     from vllm_kvcompress.assets import essays_text
 
     text = essays_text()
@@ -190,7 +210,7 @@ def test_soak_500_mixed_requests_with_aborts(client, long_prompt):
         jobs.append((text[start:start + n_chars], rng.choice([4, 16, 32]), i % 10 == 3))  # 10% aborted
 
     async def main():
-        aclient = AsyncOpenAI(base_url=BASE, api_key="none", max_retries=0, timeout=600)
+        aclient = async_client(timeout=600)
         sem = asyncio.Semaphore(32)
         done = aborted = 0
 
@@ -221,10 +241,8 @@ def test_soak_500_mixed_requests_with_aborts(client, long_prompt):
 
 
 def test_soak_32_clients_60s_no_failures(client):
-    from openai import AsyncOpenAI
-
     async def main():
-        aclient = AsyncOpenAI(base_url=BASE, api_key="none", max_retries=0, timeout=120)
+        aclient = async_client(timeout=120)
         deadline = time.time() + 60
         ok = failed = 0
 

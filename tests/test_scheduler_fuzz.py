@@ -1,0 +1,269 @@
+"""Scheduler-side fuzz test (hypothesis), no model: vLLM's real
+``vllm.v1.core.sched.scheduler.Scheduler`` with the plugin's KV-cache managers
+(``CompressedKVCacheManager``, one KV-cache group per pyramid stage) is driven
+by a random stream of requests (prompt lengths, ``max_tokens``, server budgets
+and per-request ``kv_budget``, shared prompt prefixes, aborts, a pool small
+enough to preempt). The "model" samples a fixed token for every request whose
+prompt is done.
+
+After every step each running request must hold exactly the pages
+``paging.live_blocks`` predicts in every compressed group (its row: the first
+``window_start`` entries nulled, the rest real pages), waiting/preempted
+requests hold none, and pool accounting adds up; at the end every page is back
+in the pool and the plugin's per-request state is empty.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings, target
+from hypothesis import strategies as st
+
+from vllm_kvcompress import paging
+from vllm_kvcompress.config import ConfigError, KVCompressConfig, request_budget
+
+pytest.importorskip("vllm")
+
+TOKEN = 7  # what the fake model samples (no EOS: the requests stop at max_tokens)
+MAX_MODEL_LEN = 1024
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------- environment (module-scoped)
+
+
+class _Env:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def __repr__(self) -> str:  # keeps hypothesis' falsifying-example report short
+        return "<env>"
+
+
+@pytest.fixture(scope="module")
+def env():
+    """vLLM modules, the plugin's patches and the embedded model's config (no weights)."""
+    try:
+        from vllm_kvcompress.assets import model_path
+
+        model = str(model_path())
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"embedded model unavailable: {exc}")
+    from vllm.config import ModelConfig
+
+    from vllm_kvcompress.integration import apply_all
+
+    apply_all()  # what vLLM's plugin loader runs: registry, free order, prefix cache, kv_budget
+    mc = ModelConfig(model=model, dtype="float32", seed=0, max_model_len=MAX_MODEL_LEN, skip_tokenizer_init=True)
+    return _Env(model_config=mc)
+
+
+def build_scheduler(env, kv: dict, bs: int, num_blocks: int, prefix_caching: bool, max_batched: int,
+                    max_seqs: int):
+    import torch
+    from vllm.config import CacheConfig, SchedulerConfig, VllmConfig, set_current_vllm_config
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from vllm_kvcompress.integration.kv_spec import compressed_spec, stages_for
+
+    mc = env.model_config
+    sc = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched, max_model_len=MAX_MODEL_LEN,
+                         enable_chunked_prefill=True, is_encoder_decoder=False, watermark=0.0)
+    cc = CacheConfig(block_size=bs, gpu_memory_utilization=0.9, cache_dtype="auto",
+                     enable_prefix_caching=prefix_caching)
+    vc = VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc, additional_config={"kv_compress": kv})
+    cfg = KVCompressConfig.from_dict(kv)
+    L = mc.get_total_num_hidden_layers()
+    base = FullAttentionSpec(block_size=bs, num_kv_heads=3, head_size=64, dtype=torch.float32)
+    groups = [KVCacheGroupSpec([f"model.layers.{i}.self_attn.attn" for i in layers],
+                               compressed_spec(base, cfg, layers[0], L))
+              for layers in stages_for(cfg, L)]
+    # what vLLM's get_kv_cache_config passes (the KVCacheConfig default None would switch the
+    # coordinator to "dense retention" and drop prefill_end, i.e. the plugin's admission cap)
+    kcc = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups,
+                        prefix_cache_retention_interval=cc.prefix_cache_retention_interval)
+    cc.num_gpu_blocks = num_blocks
+    with set_current_vllm_config(vc):
+        register_all_kvcache_specs(vc)
+        sched = Scheduler(vllm_config=vc, kv_cache_config=kcc, structured_output_manager=StructuredOutputManager(vc),
+                          block_size=bs, log_stats=False)
+    return sched, [g.kv_cache_spec for g in groups]
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+@st.composite
+def scenarios(draw):
+    bs = draw(st.sampled_from([16, 32]))
+    policy = draw(st.sampled_from(["h2o", "pyramid", "snapkv", "streaming"]))
+    # small token budgets (everything evicts), fractions, large ones (short requests never evict:
+    # vLLM's prefix cache stays on for them)
+    budget = draw(st.one_of(st.integers(2 * bs, 200), st.sampled_from([0.25, 0.5, 0.75]), st.integers(300, 600)))
+    kv = dict(policy=policy, budget=budget, compress_interval=draw(st.sampled_from([1, 4, 8, 32])),
+              min_layer_budget=draw(st.sampled_from([16, 64])))
+    if policy == "pyramid":
+        kv["num_stages"] = draw(st.sampled_from([1, 3, 6]))
+    try:
+        cfg = KVCompressConfig.from_dict(kv)
+    except ConfigError:
+        cfg = None
+    n_req = draw(st.integers(1, 7))
+    shared = draw(st.lists(st.integers(0, 999), min_size=300, max_size=300))  # a common prompt prefix
+    reqs = []
+    for i in range(n_req):
+        P = draw(st.one_of(st.integers(1, 40), st.integers(1, 400), st.sampled_from([bs, 2 * bs, 3 * bs + 1])))
+        T = draw(st.one_of(st.integers(1, 8), st.integers(1, 150)))
+        prefix = draw(st.sampled_from([0, P // 2, P, min(P, 2 * bs)]))
+        tail_seed = draw(st.integers(0, 999))
+        prompt = shared[:prefix] + [(tail_seed + 31 * k) % 1000 for k in range(P - prefix)]
+        kvb = None
+        if cfg is not None and draw(st.integers(0, 2)) == 0:
+            raw = draw(st.one_of(st.integers(bs, 256), st.sampled_from([0.1, 0.3, 0.6])))
+            try:
+                kvb = request_budget(cfg, raw, bs)
+            except ConfigError:
+                kvb = None
+        arrive = draw(st.one_of(st.just(0), st.integers(0, 30)))
+        abort = arrive + draw(st.integers(0, 60)) if draw(st.integers(0, 4)) == 0 else None
+        reqs.append(dict(id=f"r{i}", prompt=prompt, max_tokens=T, kv_budget=kvb, arrive=arrive, abort=abort))
+    return dict(bs=bs, kv=kv, valid=cfg is not None, reqs=reqs, prefix_caching=draw(st.booleans()),
+                max_batched=draw(st.sampled_from([64, 128, 512])), max_seqs=draw(st.sampled_from([2, 4, 8])),
+                slack=draw(st.one_of(st.just(0), st.integers(0, 8), st.integers(0, 120))))
+
+
+def pool_size(spec, specs, max_batched, interval):
+    """Pages one request can hold at most (so it can always run alone) + the null page + slack."""
+    bs, worst = spec["bs"], 0
+    for r in spec["reqs"]:
+        P, T = len(r["prompt"]), r["max_tokens"]
+        need = 0
+        for s in specs:
+            B = s.budget(P, r["kv_budget"])
+            need += min(cdiv(P + T, bs), cdiv(B + interval - 1 + max_batched, bs) + 1)
+        worst = max(worst, need)
+    return worst + 1 + spec["slack"]
+
+
+# ---------------------------------------------------------------- the test
+
+
+def _held(blocks) -> int:
+    return sum(1 for b in blocks if not b.is_null)
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=scenarios())
+def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
+    from vllm import SamplingParams
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request, RequestStatus
+
+    from vllm_kvcompress.integration.kv_manager import REQUEST_BUDGETS
+
+    event(f"config valid: {spec['valid']}")
+    if not spec["valid"]:
+        return  # config refused by validation (nothing to run)
+    bs, kv = spec["bs"], spec["kv"]
+    interval = KVCompressConfig.from_dict(kv).compress_interval
+    probe, specs = build_scheduler(env, kv, bs, 16, False, spec["max_batched"], spec["max_seqs"])
+    del probe
+    num_blocks = pool_size(spec, specs, spec["max_batched"], interval)
+    sched, specs = build_scheduler(env, kv, bs, num_blocks, spec["prefix_caching"], spec["max_batched"],
+                                   spec["max_seqs"])
+    kvm = sched.kv_cache_manager
+    managers = kvm.coordinator.single_type_managers
+    assert all(type(m).__name__ == "CompressedKVCacheManager" for m in managers)
+    block_hasher = None
+    if spec["prefix_caching"]:
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+        init_none_hash(sha256)
+        block_hasher = get_request_block_hasher(bs, sha256)
+
+    by_id = {r["id"]: r for r in spec["reqs"]}
+    last: dict[str, tuple[int, int]] = {}  # request -> (computed before its last step, tokens of that step)
+    done: set[str] = set()
+    step = idle = hits = 0
+    preempted: set[str] = set()
+    while len(done) < len(by_id):
+        for r in spec["reqs"]:
+            if r["arrive"] == step:
+                sp = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, temperature=0.0,
+                                    extra_args={"kv_budget": r["kv_budget"]} if r["kv_budget"] is not None else None)
+                sched.add_request(Request(r["id"], list(r["prompt"]), sp, None, block_hasher=block_hasher))
+            if r["abort"] == step and r["id"] in sched.requests:
+                sched.finish_requests(r["id"], RequestStatus.FINISHED_ABORTED)
+                done.add(r["id"])
+                last.pop(r["id"], None)
+        so = sched.schedule()
+        ids = list(so.num_scheduled_tokens)
+        sampled = []
+        for rid in ids:
+            req = sched.requests[rid]
+            n = so.num_scheduled_tokens[rid]
+            c_before = req.num_computed_tokens - n
+            if rid not in last and c_before > 0:
+                hits += 1
+            last[rid] = (c_before, n)
+            sampled.append([TOKEN] if req.num_computed_tokens >= req.num_tokens else [])
+        out = ModelRunnerOutput(req_ids=ids, req_id_to_index={rid: i for i, rid in enumerate(ids)},
+                                sampled_token_ids=sampled)
+        sched.update_from_output(so, out)
+        for rid in by_id:
+            if rid not in done and rid in by_id and step >= by_id[rid]["arrive"] and rid not in sched.requests:
+                done.add(rid)  # finished (max_tokens)
+                last.pop(rid, None)
+
+        # ---- invariants after the step
+        held_ids: set[int] = set()
+        for rid, req in sched.requests.items():
+            r = by_id[rid]
+            P = len(r["prompt"])
+            running = req.status == RequestStatus.RUNNING
+            if running and req.num_preemptions > 0 and rid not in preempted:
+                preempted.add(rid)  # resumed after a preemption: its pages are checked like any other
+            if not running:
+                last.pop(rid, None)  # preempted / waiting: its next admission starts afresh
+            for m, s in zip(managers, specs):
+                blocks = m.req_to_blocks.get(rid, [])
+                if not running:
+                    assert _held(blocks) == 0, f"step {step}: waiting request {rid} holds pages"
+                    continue
+                c, n = last[rid]
+                B = s.budget(P, r["kv_budget"])
+                assert m.budget(P, rid) == B, "REQUEST_BUDGETS does not carry the request's kv_budget"
+                S = paging.window_start(c, B, interval, bs)
+                want = paging.live_blocks(c, n, B, interval, bs)
+                ctx = (f"step {step} {rid} stage {s.kv_stage}: C={c} n={n} B={B} I={interval} bs={bs} "
+                       f"row={['-' if b.is_null else b.block_id for b in blocks]}")
+                assert _held(blocks) == want, ctx
+                assert len(blocks) == cdiv(c + n, bs), ctx
+                assert all(b.is_null for b in blocks[:S]) and not any(b.is_null for b in blocks[S:]), ctx
+                held_ids.update(b.block_id for b in blocks[S:])
+        free = kvm.block_pool.get_num_free_blocks()
+        assert free + len(held_ids) == num_blocks - 1, f"step {step}: {free} free + {len(held_ids)} held"
+
+        idle = idle + 1 if not ids else 0
+        assert idle < 80, f"no progress for 80 steps at step {step}: {list(sched.requests)}"
+        step += 1
+        assert step < 5000
+
+    event(f"steps: {'<20' if step < 20 else '<100' if step < 100 else '>=100'}")
+    event(f"preempted and resumed: {bool(preempted)}")
+    target(float(len(preempted)), label="requests preempted and resumed")
+    event(f"prefix hits: {hits > 0}")
+    assert not sched.requests
+    assert kvm.block_pool.get_num_free_blocks() == num_blocks - 1, "pages leaked"
+    for m in managers:
+        assert not any(m.req_to_blocks.get(rid) for rid in by_id), "a finished request still holds a row"
+        assert not m.req_tokens
+    assert not (set(REQUEST_BUDGETS) & set(by_id)), "REQUEST_BUDGETS leaked a finished request"
