@@ -6,8 +6,13 @@ Every run is a separate ``vllm bench throughput`` subprocess on the same essay p
 ``--output-len`` output tokens: vLLM's throughput benchmark always sets
 ``ignore_eos``; the output counts are checked) with the same engine flags::
 
-    --dtype float32 --enforce-eager --max-model-len 4096 --seed 0
+    --dtype <auto> --enforce-eager --max-model-len 4096 --seed 0
     --kv-cache-memory-bytes 256MiB --block-size 32
+
+``--dtype auto`` (default; issue #18) is the model's native dtype where the CPU
+runs it natively (bfloat16 with avx512_bf16 or amx_bf16), float32 otherwise
+(``benchmarks/machine.py``); the choice, the reason, the CPU model, its ISA flags
+and vLLM's CPU attention ISA are printed and recorded in every result file.
 
 Runs: vanilla vLLM (plugin installed, no policy); each policy with a budget whose
 every layer covers prompt + output ("nothing evicted": the plugin's per-stage paging
@@ -63,6 +68,10 @@ from pathlib import Path
 from vllm_kvcompress.assets import essays_text, model_path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import machine  # noqa: E402  (the CPU/ISA/dtype record, shared with bench_step_costs.py)
+
 REPO = HERE.parent
 VLLM_SHIM = HERE / "vllm_cli_custom_dataset.py"
 VLLM = Path(sys.executable).with_name("vllm")
@@ -205,7 +214,7 @@ class Runner:
 
     def engine_flags(self, kv_bytes: int | None = None) -> list[str]:
         a = self.args
-        flags = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(a.max_model_len), "--seed", "0",
+        flags = ["--dtype", a.dtype, "--enforce-eager", "--max-model-len", str(a.max_model_len), "--seed", "0",
                  "--kv-cache-memory-bytes", str(kv_bytes or a.kv_bytes)]
         if a.block_size:
             flags += ["--block-size", str(a.block_size)]
@@ -279,7 +288,8 @@ class Runner:
         layers only, so the comparable figure is the share of the pool per request
         (``pages / num_blocks``) x the pool's capacity in all-layer token slots."""
         geo = model_geometry()
-        pool_tokens = self.args.kv_bytes // geo["bytes_per_token_all_layers_fp32"]
+        elem = 2 if self.args.dtype in ("bfloat16", "float16") else 4  # KV cache dtype = model dtype
+        pool_tokens = self.args.kv_bytes // (geo["bytes_per_token_all_layers_fp32"] // 4 * elem)
         pages = stats.get("mean_pages_per_running_req")
         nb, bs = stats.get("num_blocks"), stats.get("block_size")
         share = ratio(pages, nb)
@@ -509,7 +519,7 @@ def print_table(table: dict, args) -> tuple[str, list, list]:
     ds = table["dataset"]
     bs_used = sorted({r.get("block_size") for r in runs if r.get("block_size")})
     hdr = (f"{ds['num_prompts']} essay prompts x {ds['mean_len']:.0f} tokens (chat template incl., "
-           f"{ds['min_len']}-{ds['max_len']}) in / {args.output_len} out (ignore_eos), float32, eager, "
+           f"{ds['min_len']}-{ds['max_len']}) in / {args.output_len} out (ignore_eos), {args.dtype}, eager, "
            f"KV {fmt_bytes(args.kv_bytes)}, page size "
            f"{args.block_size if args.block_size else 'per-run default'} (used: {', '.join(map(str, bs_used)) or 'n/a'}), "
            f"{os.cpu_count()} CPU cores")
@@ -735,7 +745,7 @@ def online_md(on: dict, command: str, args) -> str:
              f"{on['num_prompts']} essay prompts x ~{ds['mean_len']:.0f} tokens in (chat template incl.) / "
              f"{args.output_len} out (`--ignore-eos`), request rate {on['rate']}, max concurrency "
              f"{on['max_concurrency']}, KV {fmt_bytes(args.kv_bytes)}, page size {args.block_size or 'per-run default'}, "
-             f"float32, eager, {os.cpu_count()} CPU cores. TTFT includes the time a request waits for admission.", "",
+             f"{args.dtype}, eager, {os.cpu_count()} CPU cores. TTFT includes the time a request waits for admission.", "",
              "| server | req/s | out tok/s | TTFT mean | TTFT median | TTFT p99 | TPOT mean | TPOT median | TPOT p99 | "
              "E2E mean | peak running |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -758,7 +768,7 @@ def online_md(on: dict, command: str, args) -> str:
 
 # --------------------------------------------------------------------------- reporting
 
-def machine_info() -> dict:
+def machine_info(args=None) -> dict:
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     try:
         for line in open("/proc/cpuinfo"):
@@ -782,6 +792,9 @@ def machine_info() -> dict:
         info["torch"] = version("torch")
     except Exception:
         pass
+    if args is not None:  # CPU model, ISA flags, torch's/vLLM's view, dtype and why (issue #18)
+        info.update(machine.machine_record(args.dtype, args.dtype_reason, model_path(),
+                                           [args.block_size] if args.block_size else [128, 32]))
     return info
 
 
@@ -794,9 +807,9 @@ def write_main_md(path: Path, table: dict, text: str, cols, rows, checks, bounds
          f"({ds['min_len']}-{ds['max_len']}, chat template included) in, exactly {args.output_len} tokens out "
          f"(`ignore_eos`), `--kv-cache-memory-bytes {fmt_bytes(args.kv_bytes)}`, page size "
          f"{args.block_size if args.block_size else 'each run its default'} (used: {', '.join(map(str, bs_used)) or 'n/a'}), "
-         f"float32, `--enforce-eager`, SmolLM2-135M, {info.get('cpu_count')} CPU cores ({info.get('cpu', '?')}), "
+         f"{args.dtype} ({info.get('dtype_reason')}), `--enforce-eager`, SmolLM2-135M, {info.get('cpu_count')} CPU cores ({info.get('cpu', '?')}), "
          f"vLLM {info.get('vllm', '?')}, commit {info.get('git_commit', '?')}{' (dirty)' if info.get('git_dirty') else ''}.",
-         "",
+         "", f"Machine: {machine.describe(info)}.", "",
          "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
     L += ["| " + " | ".join(r) + " |" for r in rows]
     pre = table.get("prefill_bound")
@@ -839,6 +852,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="page size for every run (default 32; 0 = each run its own default: vanilla 128, policy 32)")
+    ap.add_argument("--dtype", default="auto", choices=machine.DTYPES,
+                    help="model dtype of every run (default auto: bfloat16 where the CPU has avx512_bf16/amx_bf16 "
+                         "and the model is bfloat16, else float32)")
     ap.add_argument("--kv-bytes", type=parse_bytes, default=None, help="--kv-cache-memory-bytes of every run (256MiB)")
     ap.add_argument("--max-model-len", type=int, default=None, help="default 4096 (--quick: 1024)")
     ap.add_argument("--scaling", action="store_true", help="also throughput vs prompt length and vs retention + PNGs")
@@ -888,10 +904,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_throughput-"))
     workdir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_throughput.py" + "".join(" " + shlex.quote(a) for a in argv)
-    info = machine_info()
+    args.dtype, args.dtype_reason = machine.choose_dtype(args.dtype, model_path())
+    info = machine_info(args)
     print(f"$ {command}\nlogs, prompts and raw results: {workdir}\nresults: {out_dir}", flush=True)
     print(f"machine: {info.get('cpu_count')} cores ({info.get('cpu', '?')}), load average at start "
           f"{', '.join(f'{x:.2f}' for x in info.get('loadavg_at_start', ()))}", flush=True)
+    print(f"dtype: {args.dtype} ({args.dtype_reason})\nmachine: {machine.describe(info)}", flush=True)
 
     runner = Runner(args, workdir)
     t_start = time.time()
@@ -930,16 +948,16 @@ def main(argv: list[str] | None = None) -> int:
             f"# Throughput vs prompt length and vs retention (same KV memory {fmt_bytes(args.kv_bytes)})"
             + (" — QUICK SMOKE RUN, not a result" if q else "") + "\n\n"
             f"{sc['num_prompts']} essay prompts per point, {args.output_len} output tokens, page size "
-            f"{args.block_size or 'per-run default'}, float32, eager, {os.cpu_count()} CPU cores. Retention 1.0 = "
+            f"{args.block_size or 'per-run default'}, {args.dtype}, eager, {os.cpu_count()} CPU cores. Retention 1.0 = "
             f"the policy on with a budget covering prompt + output (nothing evicted). Plots: "
             + ", ".join(f"[{p.name}]({p.name})" for p in pngs) + "\n\n" + md
-            + f"\n\nCommand:\n\n```bash\n{command}\n```\n")
+            + f"\n\nMachine: {machine.describe(info)}.\n\nCommand:\n\n```bash\n{command}\n```\n")
         written += [*pngs, out_dir / "throughput_scaling.md", dump("throughput_scaling.json", {"scaling": sc})]
         print(f"scaling: {sc['seconds'] / 60:.1f} min", flush=True)
 
     if args.online:
         on = online(runner, args)
-        (out_dir / "online.md").write_text(online_md(on, command, args))
+        (out_dir / "online.md").write_text(online_md(on, command, args) + f"\nMachine: {machine.describe(info)}.\n")
         written += [out_dir / "online.md", dump("online.json", {"online": on})]
         print(f"online: {on['seconds'] / 60:.1f} min", flush=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from vllm_kvcompress import ops
+from vllm_kvcompress.integration import step_costs
 from vllm_kvcompress.ops import PagedLayer, window_slots
 from vllm_kvcompress.policies import BasePolicy, compress_step
 
@@ -51,11 +52,13 @@ def compact_requests(layer: PagedLayer, policy: BasePolicy, block_table: torch.T
     budget = budget.to(device=dev, dtype=torch.long)
     old_start = old_start.to(device=dev, dtype=torch.long)
     new_start = new_start.to(device=dev, dtype=torch.long)
-    if layer.acc is not None:
-        scores = ops.read_scores(layer, block_table, old_start, count)
-    else:
-        scores = torch.zeros(R, H, max(int(count.max()), 1) if R else 1, device=dev)
-    kept, new_acc = compress_step(policy, scores, keep, budget, valid_len=count)
-    ops.compact_windows(layer.k_t, layer.v, layer.acc, block_table, old_start, new_start, kept,
-                        torch.minimum(keep, count), new_acc if layer.acc is not None else None)
+    with step_costs.timed("selection", dev):
+        if layer.acc is not None:
+            scores = ops.read_scores(layer, block_table, old_start, count)
+        else:
+            scores = torch.zeros(R, H, max(int(count.max()), 1) if R else 1, device=dev)
+        kept, new_acc = compress_step(policy, scores, keep, budget, valid_len=count)
+    with step_costs.timed("compaction", dev):
+        ops.compact_windows(layer.k_t, layer.v, layer.acc, block_table, old_start, new_start, kept,
+                            torch.minimum(keep, count), new_acc if layer.acc is not None else None)
     return kept

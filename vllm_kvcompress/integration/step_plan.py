@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from vllm_kvcompress import ops, paging
-from vllm_kvcompress.integration import compaction, prefill_drop
+from vllm_kvcompress.integration import compaction, prefill_drop, step_costs
 from vllm_kvcompress.integration.kv_spec import CompressedAttentionSpec
 from vllm_kvcompress.integration.model_runner import StepContext
 from vllm_kvcompress.policies import BasePolicy, get_policy
@@ -114,6 +114,7 @@ class CompressedBuilderMixin:
             self.track_positions = os.environ.get("VLLM_KVCOMPRESS_TRACK_POSITIONS", "0") == "1"
             self.prefill_drop = cfg.prefill_drop
 
+    @step_costs.timed_build
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         prompt_lens = StepContext.prompt_lens
         cm = common_attn_metadata
@@ -122,7 +123,8 @@ class CompressedBuilderMixin:
                                "GPUModelRunner._build_attention_metadata (Model Runner V2?); this release "
                                "needs vLLM's V1 model runner")
         if not self.compressed or prompt_lens is None:
-            return super().build(common_prefix_len, cm, fast_build)
+            with step_costs.timed("vllm_build"):
+                return super().build(common_prefix_len, cm, fast_build)
         if len(prompt_lens) != cm.num_reqs:
             # passing through would attend over freed (null) pages
             raise RuntimeError(f"vllm-kvcompress: {cm.num_reqs} requests in the attention metadata but "
@@ -198,7 +200,8 @@ class CompressedBuilderMixin:
                 q = torch.from_numpy(qsl).to(cm.query_start_loc_cpu.dtype)
                 cm = dataclasses.replace(cm, query_start_loc=q.to(cm.query_start_loc.device), query_start_loc_cpu=q,
                                          num_actual_tokens=t, max_query_len=int(n_eff.max()))
-        md = super().build(common_prefix_len, cm, fast_build)
+        with step_costs.timed("vllm_build"):
+            md = super().build(common_prefix_len, cm, fast_build)
         plan = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n_eff, prompt_lens=prompt_lens,
                         budget=budget, retained=held, start=start, retained_after=held_after,
                         start_after=start_after, weights=None, block_size=bs, track_positions=self.track_positions)
@@ -249,7 +252,8 @@ class CompressedImplMixin:
             plan.drop = drop
             drop.bind(plan)
         n_tok = plan.num_tokens if plan is not None else attn_metadata.num_actual_tokens
-        self._write_kv(layer, key[:n_tok], value[:n_tok], kv_cache, attn_metadata.slot_mapping[:n_tok])
+        with step_costs.timed("cache_write", query.device):
+            self._write_kv(layer, key[:n_tok], value[:n_tok], kv_cache, attn_metadata.slot_mapping[:n_tok])
         paged = self._views(kv_cache)
         if plan is not None and self._can_fuse(plan, n_tok, query.device):
             # pure decode step: attention and the score update in one pass over the window
@@ -257,13 +261,16 @@ class CompressedImplMixin:
                 self._ensure_acc(paged)
             r = n_tok
             weights = plan.on(query.device, "weights") if plan.weights is not None else None
-            ops.decode_attention_scores(query[:r].view(r, self.num_heads, self.head_size), paged.k_t, paged.v,
-                                        attn_metadata.block_table, attn_metadata.seq_lens, self.scale,
-                                        self._acc if weights is not None else None, weights,
-                                        out=output[:r].view(r, self.num_heads, self.head_size))
+            with step_costs.timed("fused_decode", query.device):
+                ops.decode_attention_scores(query[:r].view(r, self.num_heads, self.head_size), paged.k_t, paged.v,
+                                            attn_metadata.block_table, attn_metadata.seq_lens, self.scale,
+                                            self._acc if weights is not None else None, weights,
+                                            out=output[:r].view(r, self.num_heads, self.head_size))
             plan.scored = True
         else:
-            self._attend(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+            with step_costs.timed("attention" if plan is not None else "attention_plain", query.device):
+                self._attend(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                             output_block_scale)
         if plan is not None:
             self._compress(plan, attn_metadata, query, kv_cache, paged, layer)
         return output
@@ -301,11 +308,13 @@ class CompressedImplMixin:
             t = plan.num_tokens
             # the per-request numbers stay on the host: the kernels build their index
             # lists there (no device-to-host synchronisation on CUDA)
-            ops.window_scores(query[:t].view(t, self.num_heads, self.head_size), torch.from_numpy(plan.query_start),
-                              layer.k_t, md.block_table, md.seq_lens, torch.from_numpy(plan.retained),
-                              plan.weights, self.scale, self._acc)
+            with step_costs.timed("scoring", dev):
+                ops.window_scores(query[:t].view(t, self.num_heads, self.head_size),
+                                  torch.from_numpy(plan.query_start), layer.k_t, md.block_table, md.seq_lens,
+                                  torch.from_numpy(plan.retained), plan.weights, self.scale, self._acc)
         if plan.drop is not None and plan.drop.shrinks_after(self._layer_index(attn_layer)):
-            plan.drop.select(self._layer_index(attn_layer), plan, layer)  # before compaction moves the scores
+            with step_costs.timed("selection", dev):
+                plan.drop.select(self._layer_index(attn_layer), plan, layer)  # before compaction moves the scores
         if plan.positions is not None:
             self._track_new(plan, md, layer)
         rows = plan.compact_rows
