@@ -107,3 +107,47 @@ def cut_checkpoint(model_dir: str, out_dir: str, num_layers: int) -> str:
         keep[name] = t.contiguous()
     save_file(keep, str(dst / "model.safetensors"))
     return str(dst)
+
+
+def expected_compaction(cache, layer, bt, old, new, kept, keep, new_acc=None):
+    """Slot-by-slot expectation of ``ops.compact_windows`` from the untouched input
+    (no code shared with the kernels): ``cache`` is the ``[nb, H, 2*bs, D]`` layer
+    cache that ``layer`` (``ops.paged_view``) views. Returns (cache, scores)."""
+    from vllm_kvcompress import ops
+
+    bs = layer.block_size
+    exp_cache = cache.clone()
+    ek, ev = exp_cache.chunk(2, dim=2)
+    exp = ops.paged_view(ek, ev, None if layer.acc is None else layer.acc.clone())
+    for i in range(kept.shape[0]):
+        for h in range(kept.shape[1]):
+            for k in range(min(int(keep[i]), kept.shape[2])):
+                s = int(kept[i, h, k])
+                if s < 0:
+                    break
+                sb, so = int(bt[i, old[i] + s // bs]), s % bs
+                db, do = int(bt[i, new[i] + k // bs]), k % bs
+                exp.k_t[db, h, :, do] = layer.k_t[sb, h, :, so]
+                exp.v[db, h, do] = layer.v[sb, h, so]
+                if exp.acc is not None:
+                    exp.acc[db, h, do] = new_acc[i, h, k] if new_acc is not None else layer.acc[sb, h, so]
+    return exp_cache, exp.acc
+
+
+def run_interpreted(test_file: str, keyword: str, child_env: str, timeout: int = 600) -> None:
+    """Run the tests of ``test_file`` matching ``keyword`` in a pytest subprocess with
+    ``TRITON_INTERPRET=1`` (it must be set before triton is imported, which importing
+    vLLM does) and ``child_env=1``; assert they all ran and passed."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: the Triton kernels are untested")
+    env = dict(os.environ, TRITON_INTERPRET="1", **{child_env: "1"})
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-x", "-k", keyword, "-p", "no:cacheprovider",
+           "-W", "ignore::RuntimeWarning"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in last and "skipped" not in last, proc.stdout[-2000:]

@@ -18,6 +18,8 @@ import shutil
 import pytest
 import torch
 
+from conftest import expected_compaction, run_interpreted
+
 from vllm_kvcompress import _ext, ops
 from vllm_kvcompress.integration import compaction
 from vllm_kvcompress.policies import H2OPolicy, PyramidInferPolicy, SnapKVPolicy, StreamingLLMPolicy
@@ -349,27 +351,6 @@ def compact_case(H, D, bs, dtype, seed, with_acc=True):
     return cache, layer, bt, old, new, kept, keep
 
 
-def _expected_compaction(cache, layer, bt, old, new, kept, keep, new_acc=None):
-    """Slot-by-slot expectation from the untouched input (no shared code with the kernels)."""
-    bs = layer.block_size
-    exp_cache = cache.clone()
-    ek, ev = exp_cache.chunk(2, dim=2)
-    exp = ops.paged_view(ek, ev, layer.acc.clone() if layer.acc is not None else None)
-    for i in range(kept.shape[0]):
-        for h in range(kept.shape[1]):
-            for k in range(int(keep[i])):
-                s = int(kept[i, h, k])
-                if s < 0:
-                    break
-                sb, so = int(bt[i, old[i] + s // bs]), s % bs
-                db, do = int(bt[i, new[i] + k // bs]), k % bs
-                exp.k_t[db, h, :, do] = layer.k_t[sb, h, :, so]
-                exp.v[db, h, do] = layer.v[sb, h, so]
-                if exp.acc is not None:
-                    exp.acc[db, h, do] = new_acc[i, h, k] if new_acc is not None else layer.acc[sb, h, so]
-    return exp_cache, exp.acc
-
-
 @pytest.mark.parametrize("impl", ["reference", "cpp"])
 @pytest.mark.parametrize("dtype,H,D,bs", [(torch.float32, 2, 64, 16), (torch.bfloat16, 3, 128, 32)])
 def test_compact(request, impl, dtype, H, D, bs):
@@ -380,7 +361,7 @@ def test_compact(request, impl, dtype, H, D, bs):
         cache, layer, bt, old, new, kept, keep = compact_case(H, D, bs, dtype, seed=D + bs,
                                                               with_acc=variant != "no_acc")
         new_acc = torch.rand(kept.shape) if variant == "new_acc" else None
-        exp_cache, exp_acc = _expected_compaction(cache, layer, bt, old, new, kept, keep, new_acc)
+        exp_cache, exp_acc = expected_compaction(cache, layer, bt, old, new, kept, keep, new_acc)
         fn(layer.k_t, layer.v, layer.acc, bt, old, new, kept, keep, new_acc)
         assert torch.equal(cache, exp_cache), variant
         if exp_acc is not None:
@@ -394,7 +375,7 @@ def test_compact_padding_ends_row(cpp):
     c2 = cache.clone()
     k2, v2 = c2.chunk(2, dim=2)
     l2 = ops.paged_view(k2, v2, layer.acc.clone())
-    exp_cache, exp_acc = _expected_compaction(cache, layer, bt, old, new, kept, keep)
+    exp_cache, exp_acc = expected_compaction(cache, layer, bt, old, new, kept, keep)
     ops.compact_windows_reference(l2.k_t, l2.v, l2.acc, bt, old, new, kept, keep)
     cpp.compact_windows(layer.k_t, layer.v, layer.acc, bt, old, new, kept, keep, None)
     assert torch.equal(cache, exp_cache) and torch.equal(c2, exp_cache)
@@ -489,20 +470,9 @@ _TRITON_CHILD = os.environ.get("KVC_TRITON_CHILD") == "1"
 
 
 def test_triton_kernels_interpreted():
-    import importlib.util
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed: the Triton kernels are untested")
     if _TRITON_CHILD:
         pytest.skip("running inside the interpreter subprocess")
-    env = dict(os.environ, TRITON_INTERPRET="1", KVC_TRITON_CHILD="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "triton_case", "-p", "no:cacheprovider",
-           "-W", "ignore::RuntimeWarning"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    run_interpreted(__file__, "triton_case", "KVC_TRITON_CHILD")
 
 
 @pytest.fixture(scope="module")
@@ -550,7 +520,7 @@ def test_triton_case_compact(tk, dtype, variant):
     cache, layer, bt, old, new, kept, keep = compact_case(H, D, bs, dtype, seed=2, with_acc=variant != "no_acc")
     kept[1, 1, 4] = -1  # padding inside keep ends that row
     new_acc = torch.rand(kept.shape) if variant == "new_acc" else None
-    exp_cache, exp_acc = _expected_compaction(cache, layer, bt, old, new, kept, keep, new_acc)
+    exp_cache, exp_acc = expected_compaction(cache, layer, bt, old, new, kept, keep, new_acc)
     tk.compact_windows(layer.k_t, layer.v, layer.acc, bt, old, new, kept, keep, new_acc)
     assert torch.equal(cache, exp_cache)
     if exp_acc is not None:

@@ -19,13 +19,11 @@ Example counts are bounded (``PROFILE``); the file runs in well under 90 s on 2 
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import expected_compaction, run_interpreted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -359,30 +357,9 @@ def compact_case(spec):
     return cache, layer, bt, old, new, kept, keep, new_acc
 
 
-def brute_compact(spec, cache, layer, bt, old, new, kept, keep, new_acc):
-    """Gather every kept slot from the untouched input, then write the destinations."""
-    bs = spec["bs"]
-    exp_cache = cache.clone()
-    ek, ev = exp_cache.chunk(2, dim=2)
-    exp = ops.paged_view(ek, ev, None if layer.acc is None else layer.acc.clone())
-    for i in range(kept.shape[0]):
-        for h in range(kept.shape[1]):
-            for k in range(min(int(keep[i]), kept.shape[2])):
-                s = int(kept[i, h, k])
-                if s < 0:
-                    break
-                sb, so = int(bt[i, old[i] + s // bs]), s % bs
-                db, do = int(bt[i, new[i] + k // bs]), k % bs
-                exp.k_t[db, h, :, do] = layer.k_t[sb, h, :, so]
-                exp.v[db, h, do] = layer.v[sb, h, so]
-                if exp.acc is not None:
-                    exp.acc[db, h, do] = new_acc[i, h, k] if new_acc is not None else layer.acc[sb, h, so]
-    return exp_cache, exp.acc
-
-
 def run_compact(fn, spec):
     cache, layer, bt, old, new, kept, keep, new_acc = compact_case(spec)
-    exp_cache, exp_acc = brute_compact(spec, cache, layer, bt, old, new, kept, keep, new_acc)
+    exp_cache, exp_acc = expected_compaction(cache, layer, bt, old, new, kept, keep, new_acc)
     fn(layer.k_t, layer.v, layer.acc, bt, old, new, kept, keep, new_acc)
     return cache, layer.acc, exp_cache, exp_acc
 
@@ -405,15 +382,7 @@ def test_triton_kernels_properties_interpreted():
     """Runs the ``test_triton_child_*`` tests below in a subprocess with TRITON_INTERPRET=1."""
     if _TRITON_CHILD:
         pytest.skip("inside the interpreter subprocess")
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed: the Triton kernels are untested")
-    env = dict(os.environ, TRITON_INTERPRET="1", KVC_PROPS_TRITON_CHILD="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "triton_child", "-p", "no:cacheprovider",
-           "-W", "ignore::RuntimeWarning"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in last and "skipped" not in last, proc.stdout[-2000:]
+    run_interpreted(__file__, "triton_child", "KVC_PROPS_TRITON_CHILD", timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_interpreted
 
 _CHILD = os.environ.get("KVC_TRITON_COMPAT_CHILD") == "1"
 HQ, H, D, BS, NB = 9, 3, 64, 32, 24
@@ -29,17 +30,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 
 def test_triton_compat_interpreted():
-    import subprocess
-
     if _CHILD:
         pytest.skip("running inside the interpreter subprocess")
-    env = dict(os.environ, TRITON_INTERPRET="1", KVC_TRITON_COMPAT_CHILD="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "triton_case", "-p", "no:cacheprovider",
-           "-W", "ignore::RuntimeWarning"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in last and "skipped" not in last, proc.stdout[-2000:]
+    run_interpreted(__file__, "triton_case", "KVC_TRITON_COMPAT_CHILD", timeout=300)
 
 
 def test_one_line_errors(monkeypatch):
