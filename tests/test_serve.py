@@ -6,6 +6,7 @@ One server for the whole module (a start costs ~30-60 s)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ import pytest
 
 from vllm_kvcompress import demo
 
-PORT = 8799
+PORT = int(os.environ.get("KVC_TEST_SERVE_PORT", "8799"))  # another port lets two suites run side by side
 BASE = f"http://127.0.0.1:{PORT}/v1"
 MODEL = "smollm2"
 
