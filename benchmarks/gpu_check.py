@@ -616,6 +616,52 @@ def speed_case(R: int, L: int, dev, peak, flush) -> dict:
     return row
 
 
+# prefill-chunk scores: (requests, window slots, weighted queries per request). q=64: the
+# SnapKV / PyramidInfer observation window; q=L: H2O, which weights every prompt query.
+WINDOW_GRID = [(1, 8192, 64), (8, 2048, 64), (1, 8192, 8192), (4, 2048, 2048)]
+
+
+def window_speed_case(R: int, L: int, nq: int, dev, flush) -> dict:
+    """``window_scores`` for the last ``nq`` queries of R windows of L slots, against the
+    floor of attention itself: flash SDPA of the same queries over the same keys (causal
+    when nq == L). The scores need softmax statistics and a second pass over the keys."""
+    Hq, H, D = SPEED_SHAPE
+    dtype = getattr(torch, SPEED_DTYPE)
+    bs = SPEED_BS
+    row = {"name": f"window R={R} L={L} q={nq}", "kind": "window", "requests": R, "context": L,
+           "queries": nq, "shape": f"{Hq}/{H}x{D}", "block_size": bs, "dtype": SPEED_DTYPE}
+    pages = cdiv(L, bs)
+    nb = R * pages + 1
+    phys = torch.randn(nb, bs, H, 2 * D, device=dev, dtype=dtype)
+    lay = paged_views(phys, torch.zeros(nb, H, bs, device=dev), "NHD")
+    bt = (torch.randperm(nb - 1, device=dev)[:R * pages] + 1).view(R, pages).to(torch.int32)
+    sl = torch.full((R,), L, dtype=torch.int32, device=dev)
+    q = torch.randn(R * nq, Hq, D, device=dev, dtype=dtype)
+    qs = torch.arange(R + 1, dtype=torch.int32) * nq  # host: as the backend passes it
+    nr = torch.full((R,), L - nq, dtype=torch.int32)
+    w = torch.ones(R * nq)
+    scale = D ** -0.5
+
+    def window():
+        tk.window_scores(q, qs, lay.k_t, bt, sl, nr, w, scale, lay.acc)
+
+    qd = q.view(R, nq, Hq, D).transpose(1, 2)
+    kd = torch.randn(R, H, L, D, device=dev, dtype=dtype)
+    vd = torch.randn_like(kd)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    try:
+        sdpa(qd, kd, vd, is_causal=nq == L, enable_gqa=True)
+        floor = lambda: sdpa(qd, kd, vd, is_causal=nq == L, enable_gqa=True)  # noqa: E731
+    except (TypeError, RuntimeError):
+        ke, ve = kd.repeat_interleave(Hq // H, dim=1), vd.repeat_interleave(Hq // H, dim=1)
+        floor = lambda: sdpa(qd, ke, ve, is_causal=nq == L)  # noqa: E731
+    row["window_us"] = round(cuda_time_us(window, flush), 2)
+    row["sdpa_us"] = round(cuda_time_us(floor, flush), 2)
+    row["window_vs_sdpa"] = round(row["window_us"] / row["sdpa_us"], 2)
+    row["status"] = "ok"
+    return row
+
+
 def smoke_speed(sec: Section, dev) -> None:
     """Interpreter: one timing of the torch floor on a tiny shape; kernel timings skipped."""
     R, L, shape = 2, 256, SMOKE_CASES[0][0]
@@ -655,6 +701,17 @@ def run_speed(sec: Section, dev, smoke: bool, env: dict) -> None:
             sec.rows.append(speed_case(R, L, dev, peak, flush))
         except Exception as exc:  # noqa: BLE001
             sec.rows.append({"name": f"R={R} L={L}", "requests": R, "context": L, "status": "error",
+                             "error": _err_text(exc)})
+        torch.cuda.empty_cache()
+    for R, L, nq in ([] if smoke else WINDOW_GRID):
+        if sec.spent():
+            sec.rows.append({"name": f"window R={R} L={L} q={nq}", "kind": "window", "status": "skipped",
+                             "reason": "budget"})
+            continue
+        try:
+            sec.rows.append(window_speed_case(R, L, nq, dev, flush))
+        except Exception as exc:  # noqa: BLE001
+            sec.rows.append({"name": f"window R={R} L={L} q={nq}", "kind": "window", "status": "error",
                              "error": _err_text(exc)})
         torch.cuda.empty_cache()
     variants = sorted({r["sdpa_variant"] for r in sec.rows if "sdpa_variant" in r})
@@ -759,7 +816,7 @@ def environment(dev, smoke: bool, dtypes: list[str]) -> dict:
         "triton": triton.__version__,
         "device_type": dev.type,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
-        "kernel_object": type(tk._decode_kernel).__name__,
+        "kernel_object": type(tk._decode_partial_kernel).__name__,
         "dtypes": dtypes,
         "vllm_imported": "vllm" in sys.modules,
         "repo_commit": _git_commit(),
@@ -821,12 +878,19 @@ def markdown(rep: dict) -> str:
                          lambda r: [r.get("kernel"), r.get("case"), r.get("shape"), r.get("block_size"),
                                     r.get("dtype"), r["status"], _fmt_err(r.get("max_abs_err")) or
                                     r.get("error") or r.get("reason", ""), r.get("seconds", "")])
-    lines += _md_section("Speed (fused decode vs dense SDPA floor)", secs["speed"],
+    dec = dict(secs["speed"], cases=[r for r in secs["speed"]["cases"] if r.get("kind") != "window"])
+    lines += _md_section("Speed (fused decode vs dense SDPA floor)", dec,
                          ["case", "status", "fused us", "fused GB/s (% peak)", "attn-only us", "SDPA us",
                           "SDPA GB/s (% peak)", "fused / SDPA"],
                          lambda r: [r["name"], r["status"], r.get("fused_us", ""), _gbps(r, "fused"),
                                     r.get("attn_only_us", ""), r.get("sdpa_us", ""), _gbps(r, "sdpa"),
                                     r.get("fused_vs_sdpa", r.get("reason", r.get("error", "")))])
+    win = [r for r in secs["speed"]["cases"] if r.get("kind") == "window"]
+    if win:
+        lines += ["", "### Prefill-chunk scores (`window_scores`) vs flash SDPA of the same queries", "",
+                  "| case | status | window_scores us | SDPA us | window / SDPA |", "|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['status']} | {r.get('window_us', '')} | {r.get('sdpa_us', '')} | "
+                  f"{r.get('window_vs_sdpa', r.get('reason', r.get('error', '')))} |" for r in win]
     lines += _md_section("CUDA graph", secs["cuda_graph"],
                          ["case", "shape", "dtype", "status", "max abs err", "replay us", "eager us"],
                          lambda r: [r.get("case"), r.get("shape", ""), r.get("dtype", ""), r["status"],
@@ -869,6 +933,10 @@ def print_summary(rep: dict, out_dir: Path, stem: str, wall_s: float) -> None:
         if r["status"] == "ok" and "fused_us" in r:
             print(f"    {r['name']:<16} fused {r['fused_us']:>9.1f} us {_gbps(r, 'fused'):>16} GB/s | "
                   f"SDPA {r['sdpa_us']:>9.1f} us {_gbps(r, 'sdpa'):>16} GB/s")
+    for r in secs["speed"]["cases"]:
+        if r["status"] == "ok" and "window_us" in r:
+            print(f"    {r['name']:<26} window_scores {r['window_us']:>9.1f} us | SDPA {r['sdpa_us']:>9.1f} us"
+                  f" | x{r['window_vs_sdpa']}")
     print(f"overall: {summ['overall']}" + (f" {summ['problems']}" if summ["problems"] else "")
           + f" ({wall_s:.1f} s; {out_dir / stem}.json, .md)")
 

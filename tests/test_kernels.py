@@ -482,34 +482,35 @@ def tk():
     import vllm_kvcompress.triton_kernels.kernels as mod
     from triton.runtime.interpreter import InterpretedFunction
 
-    assert isinstance(mod._decode_kernel, InterpretedFunction), "TRITON_INTERPRET=1 was not in effect"
+    assert isinstance(mod._decode_partial_kernel, InterpretedFunction), "TRITON_INTERPRET=1 was not in effect"
     return mod
 
 
-@pytest.mark.parametrize("dtype,G,D", [(torch.float32, 1, 64), (torch.bfloat16, 3, 64), (torch.float32, 4, 128)])
-def test_triton_case_decode(tk, dtype, G, D):
+@pytest.mark.parametrize("dtype,G,D,splits", [(torch.float32, 1, 64, None), (torch.bfloat16, 3, 64, 1),
+                                              (torch.float32, 4, 128, 3)])
+def test_triton_case_decode(tk, dtype, G, D, splits):
     H, bs = 2, 16
     cache, layer, bt, starts, lens, q, w = decode_case(G, H, D, bs, dtype, seed=G)
-    keep_lens = [0, 1, 2, 3, 5, 7]  # a small subset: the interpreter is slow
+    keep_lens = [0, 1, 2, 3, 5, 7, 9]  # a small subset (the interpreter is slow); 80 slots span 2 tiles
     lens, q, w, starts, bt = lens[keep_lens], q[keep_lens], w[keep_lens], [starts[i] for i in keep_lens], \
         bt[keep_lens]
     sbt = shift(bt, starts)
     acc_ref = layer.acc.clone()
     ref = ops.decode_attention_scores_reference(q, layer.k_t, layer.v, sbt, lens, D ** -0.5, acc_ref, w)
-    out = tk.decode_attention_scores(q, layer.k_t, layer.v, sbt, lens, D ** -0.5, layer.acc, w)
+    out = tk.decode_attention_scores(q, layer.k_t, layer.v, sbt, lens, D ** -0.5, layer.acc, w, num_splits=splits)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
     torch.testing.assert_close(layer.acc, acc_ref, **ACC_TOL)
 
 
-@pytest.mark.parametrize("dtype,G,D", [(torch.float32, 3, 64), (torch.bfloat16, 4, 64)])
-def test_triton_case_window(tk, dtype, G, D):
+@pytest.mark.parametrize("dtype,G,D,splits", [(torch.float32, 3, 64, None), (torch.bfloat16, 4, 64, 3)])
+def test_triton_case_window(tk, dtype, G, D, splits):
     H, bs = 2, 16
     layer, bt, starts, qs, lens, nr, q, w = window_case(G, H, D, bs, dtype, seed=G)
     sbt = shift(bt, starts)
     acc_ref = layer.acc.clone()
     ops.window_scores_reference(q, qs, layer.k_t, sbt, lens, nr, w, D ** -0.5, acc_ref)
-    tk.window_scores(q, qs, layer.k_t, sbt, lens, nr, w, D ** -0.5, layer.acc)
+    tk.window_scores(q, qs, layer.k_t, sbt, lens, nr, w, D ** -0.5, layer.acc, num_splits=splits)
     torch.testing.assert_close(layer.acc, acc_ref, rtol=1e-5, atol=2e-6)
 
 

@@ -392,29 +392,33 @@ def tk():
     import vllm_kvcompress.triton_kernels.kernels as mod
     from triton.runtime.interpreter import InterpretedFunction
 
-    assert isinstance(mod._decode_kernel, InterpretedFunction), "TRITON_INTERPRET=1 was not in effect"
+    assert isinstance(mod._decode_partial_kernel, InterpretedFunction), "TRITON_INTERPRET=1 was not in effect"
     return mod
 
 
-@bounded(8)
-@given(spec=decode_specs(small=True))
-def test_triton_child_decode(tk, spec):
+@bounded(10)
+@given(spec=decode_specs(small=True), splits=st.sampled_from([None, 1, 2, 3, 64]))
+def test_triton_child_decode(tk, spec, splits):
+    """``splits`` forces the split-K count (None: the kernel's own choice); splits are whole
+    64-slot tiles, so windows past 64 slots span several splits and later splits can be empty."""
     cache, layer, bt, rows, lens, q, w = decode_case(spec)
     acc_ref = None if layer.acc is None else layer.acc.clone()
     ref = ops.decode_attention_scores_reference(q, layer.k_t, layer.v, bt, lens, spec["scale"], acc_ref, w)
-    out = tk.decode_attention_scores(q, layer.k_t, layer.v, bt, lens, spec["scale"], layer.acc, w)
+    out = tk.decode_attention_scores(q, layer.k_t, layer.v, bt, lens, spec["scale"], layer.acc, w,
+                                     num_splits=splits)
     torch.testing.assert_close(out, ref, **OUT_TOL)
     if acc_ref is not None:
         torch.testing.assert_close(layer.acc, acc_ref, **ACC_TOL)
 
 
 @bounded(15)
-@given(spec=window_specs(small=True))
-def test_triton_child_window(tk, spec):
+@given(spec=window_specs(small=True), splits=st.sampled_from([None, 1, 2, 3, 64]))
+def test_triton_child_window(tk, spec, splits):
+    """``splits`` forces the number of key splits (whole 64-slot tiles)."""
     cache, layer, bt, rows, qs, lens, nr, q, w = window_case(spec)
     acc_ref = layer.acc.clone()
     ops.window_scores_reference(q, qs, layer.k_t, bt, lens, nr, w, spec["scale"], acc_ref)
-    tk.window_scores(q, qs, layer.k_t, bt, lens, nr, w, spec["scale"], layer.acc)
+    tk.window_scores(q, qs, layer.k_t, bt, lens, nr, w, spec["scale"], layer.acc, num_splits=splits)
     torch.testing.assert_close(layer.acc, acc_ref, **ACC_TOL)
 
 
@@ -425,6 +429,23 @@ def test_triton_child_compact(tk, spec):
     got_cache, got_acc, _, _ = run_compact(tk.compact_windows, spec)
     assert same_bits(got_cache, ref_cache)
     assert ref_acc is None or same_bits(got_acc, ref_acc)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(programs=st.integers(1, 100_000), capacity=st.integers(0, 1 << 21), tile=st.sampled_from([16, 64, 128]),
+       target=st.integers(1, 2000))
+def test_splits_cover_the_window_once(programs, capacity, tile, target):
+    """The split-K plan of the Triton decode kernel: whole tiles, every slot up to the
+    capacity in exactly one split, no split wholly past the capacity, at least one split."""
+    pytest.importorskip("triton")
+    from vllm_kvcompress.triton_kernels.kernels import decode_splits
+
+    ns, per = decode_splits(programs, capacity, tile=tile, target=target)
+    tiles = max(1, -(-capacity // tile))
+    assert ns >= 1 and per % tile == 0 and per > 0
+    assert ns * per >= tiles * tile, "slots left uncovered"
+    assert (ns - 1) * per < max(capacity, 1), "a split starts past the capacity"
+    assert ns <= max(1, -(-target // programs)), "more programs than the target asks for"
 
 
 # ---------------------------------------------------------------- (e) page arithmetic

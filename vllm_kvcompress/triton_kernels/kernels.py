@@ -18,6 +18,8 @@ obvious GPU speed-up once it can be tested on a GPU.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,72 +30,164 @@ def _p2(x: int) -> int:
 
 
 # ---------------------------------------------------------------- (a) decode attention + scores
+#
+# Split-K ("flash decoding"): the window of each (request, KV head) is cut into
+# NS splits of SPLIT slots, one program each, so a single long request still
+# fills the GPU. Pass 1 (``_decode_partial_kernel``) walks its split in tiles
+# of TILE slots (any page size: the page of every slot is looked up) with two
+# tensor-core dots per tile (all G query heads of the KV head at once) and
+# writes its running max, sum and unnormalised output. Pass 2
+# (``_decode_combine_kernel``) merges the NS partials per query head into the
+# output (split 0's program) and, with scores, re-reads its split's keys to add
+# the normalised probabilities of the step (each slot has one owner: no
+# atomics). The dots take float32 operands: "tf32" for 16-bit caches on a GPU
+# (bf16/fp16 keys and queries are exact in tf32, so the logits are the float32
+# ones; only the probabilities are rounded to tf32 for P @ V), "ieee" for
+# float32 caches and under the interpreter.
+
+DECODE_TILE = 64  # slots per inner iteration
+DECODE_TARGET_PROGRAMS = 4 * 132  # enough programs to fill an H100/H200 (132 SMs) a few times
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, w_ptr, acc_ptr, out_ptr,
-                   sq0, sq1, sk0, sk1, skd, sks, sv0, sv1, svs, svd, sa0, sa1, sas, sbt0, so0, so1,
-                   scale,
-                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
-                   HAS_ACC: tl.constexpr):
+def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, m_ptr, l_ptr, o_ptr,
+                           sq0, sq1, sk0, sk1, skd, sks, sv0, sv1, svs, svd, sbt0,
+                           Hq, NS, SPLIT, scale,
+                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                           BS: tl.constexpr, TILE: tl.constexpr, TF32: tl.constexpr):
     i = tl.program_id(0)
     h = tl.program_id(1)
+    sp = tl.program_id(2)
     L = tl.load(sl_ptr + i)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
-    s = tl.arange(0, BS)
+    t = tl.arange(0, TILE)
     gm = g < G
     dm = d < D
     qh = h * G + g
-    q = tl.load(q_ptr + i * sq0 + qh[:, None] * sq1 + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
-    q = q.to(tl.float32) * scale
+    q = tl.load(q_ptr + i * sq0 + qh[:, None] * sq1 + d[None, :], mask=gm[:, None] & dm[None, :],
+                other=0.0).to(tl.float32)  # [GP, DP]
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     o = tl.zeros([GP, DP], tl.float32)
-    npg = tl.cdiv(L, BS)
-    for pg in range(0, npg):
-        blk = tl.load(bt_ptr + i * sbt0 + pg).to(tl.int64)
-        slot = pg * BS + s
-        sm = slot < L
-        k = tl.load(k_ptr + blk * sk0 + h * sk1 + d[:, None] * skd + s[None, :] * sks,
-                    mask=dm[:, None] & sm[None, :], other=0.0).to(tl.float32)  # [DP, BS]
-        lg = tl.sum(q[:, :, None] * k[None, :, :], axis=1)  # [GP, BS]
-        lg = tl.where(sm[None, :], lg, float("-inf"))
+    lo = sp * SPLIT
+    hi = tl.minimum(lo + SPLIT, L)
+    for t0 in range(lo, hi, TILE):
+        slot = t0 + t
+        sm = slot < hi
+        blk = tl.load(bt_ptr + i * sbt0 + slot // BS, mask=sm, other=0).to(tl.int64)
+        off = slot % BS
+        k = tl.load(k_ptr + blk[None, :] * sk0 + h * sk1 + d[:, None] * skd + off[None, :] * sks,
+                    mask=dm[:, None] & sm[None, :], other=0.0).to(tl.float32)  # [DP, TILE]
+        if TF32:
+            lg = tl.dot(q, k, input_precision="tf32")
+        else:
+            lg = tl.dot(q, k, input_precision="ieee")
+        lg = tl.where(sm[None, :], lg * scale, float("-inf"))  # [GP, TILE]
         m_new = tl.maximum(m_i, tl.max(lg, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(lg - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vv = tl.load(v_ptr + blk * sv0 + h * sv1 + s[:, None] * svs + d[None, :] * svd,
-                     mask=sm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # [BS, DP]
-        o = o * alpha[:, None] + tl.sum(p[:, :, None] * vv[None, :, :], axis=1)
+        vv = tl.load(v_ptr + blk[:, None] * sv0 + h * sv1 + off[:, None] * svs + d[None, :] * svd,
+                     mask=sm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # [TILE, DP]
+        if TF32:
+            pv = tl.dot(p, vv, input_precision="tf32")
+        else:
+            pv = tl.dot(p, vv, input_precision="ieee")
+        o = o * alpha[:, None] + pv
         m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    res = o / l_safe[:, None]
-    tl.store(out_ptr + i * so0 + qh[:, None] * so1 + d[None, :], res.to(out_ptr.dtype.element_ty),
-             mask=gm[:, None] & dm[None, :])
+    row = (i * Hq + qh) * NS + sp  # partial row of (request, query head, split)
+    tl.store(m_ptr + row, m_i, mask=gm)
+    tl.store(l_ptr + row, l_i, mask=gm)
+    tl.store(o_ptr + row[:, None] * DP + d[None, :], o, mask=gm[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, w_ptr, acc_ptr, out_ptr, m_ptr, l_ptr, o_ptr,
+                           sq0, sq1, sk0, sk1, skd, sks, sa0, sa1, sas, sbt0, so0, so1,
+                           Hq, NS, SPLIT, scale,
+                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                           BS: tl.constexpr, TILE: tl.constexpr, NSP: tl.constexpr,
+                           HAS_ACC: tl.constexpr, TF32: tl.constexpr):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    ns = tl.arange(0, NSP)
+    gm = g < G
+    dm = d < D
+    qh = h * G + g
+    # the partials of this KV head's query heads: [GP, NSP]
+    row = (i * Hq + qh)[:, None] * NS + ns[None, :]
+    pm = gm[:, None] & (ns < NS)[None, :]
+    m_s = tl.load(m_ptr + row, mask=pm, other=float("-inf"))
+    l_s = tl.load(l_ptr + row, mask=pm, other=0.0)
+    m = tl.max(m_s, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    f = tl.exp(m_s - m_safe[:, None])  # [GP, NSP]; empty splits -> 0
+    l_tot = tl.sum(l_s * f, axis=1)
+    l_safe = tl.where(l_tot > 0, l_tot, 1.0)
+    if sp == 0:
+        res = tl.zeros([GP, DP], tl.float32)
+        for s in range(0, NS):
+            fs = tl.sum(tl.where(ns[None, :] == s, f, 0.0), axis=1)  # [GP]
+            os_ = tl.load(o_ptr + ((i * Hq + qh) * NS + s)[:, None] * DP + d[None, :], mask=gm[:, None],
+                          other=0.0)
+            res += os_ * fs[:, None]
+        res = res / l_safe[:, None]
+        tl.store(out_ptr + i * so0 + qh[:, None] * so1 + d[None, :], res.to(out_ptr.dtype.element_ty),
+                 mask=gm[:, None] & dm[None, :])
     if HAS_ACC:
-        # second pass: normalised probabilities of this step, mean over the group, into the scores
+        # this split's slots: normalised probabilities of the step, mean over the group, into the scores
+        L = tl.load(sl_ptr + i)
+        t = tl.arange(0, TILE)
+        q = tl.load(q_ptr + i * sq0 + qh[:, None] * sq1 + d[None, :], mask=gm[:, None] & dm[None, :],
+                    other=0.0).to(tl.float32)
         coef = tl.where(gm, (tl.load(w_ptr + i) / G) / l_safe, 0.0)
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        for pg in range(0, npg):
-            blk = tl.load(bt_ptr + i * sbt0 + pg).to(tl.int64)
-            slot = pg * BS + s
-            sm = slot < L
-            k = tl.load(k_ptr + blk * sk0 + h * sk1 + d[:, None] * skd + s[None, :] * sks,
+        lo = sp * SPLIT
+        hi = tl.minimum(lo + SPLIT, L)
+        for t0 in range(lo, hi, TILE):
+            slot = t0 + t
+            sm = slot < hi
+            blk = tl.load(bt_ptr + i * sbt0 + slot // BS, mask=sm, other=0).to(tl.int64)
+            off = slot % BS
+            k = tl.load(k_ptr + blk[None, :] * sk0 + h * sk1 + d[:, None] * skd + off[None, :] * sks,
                         mask=dm[:, None] & sm[None, :], other=0.0).to(tl.float32)
-            lg = tl.sum(q[:, :, None] * k[None, :, :], axis=1)
-            lg = tl.where(sm[None, :], lg, float("-inf"))
+            if TF32:
+                lg = tl.dot(q, k, input_precision="tf32")
+            else:
+                lg = tl.dot(q, k, input_precision="ieee")
+            lg = tl.where(sm[None, :], lg * scale, float("-inf"))
             p = tl.exp(lg - m_safe[:, None]) * coef[:, None]
-            sc = tl.sum(p, axis=0)  # [BS]
-            ap = acc_ptr + blk * sa0 + h * sa1 + s * sas
+            sc = tl.sum(p, axis=0)  # [TILE]
+            ap = acc_ptr + blk * sa0 + h * sa1 + off * sas
             a = tl.load(ap, mask=sm, other=0.0)
             a = tl.where(slot == L - 1, 0.0, a)
             tl.store(ap, a + sc, mask=sm)
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def decode_splits(num_programs: int, capacity: int, tile: int = DECODE_TILE,
+                  target: int = DECODE_TARGET_PROGRAMS, force: int | None = None) -> tuple[int, int]:
+    """(number of splits, slots per split) for ``num_programs`` programs whose windows
+    hold at most ``capacity`` slots (the block table's width x page size: known on the
+    host, so no device sync, and a captured CUDA graph stays valid when the lengths
+    change). Splits are whole tiles; ``force`` asks for a split count (tests)."""
+    tiles = max(1, triton.cdiv(max(int(capacity), 1), tile))
+    want = triton.cdiv(target, max(int(num_programs), 1)) if force is None else int(force)
+    ns = max(1, min(tiles, want))
+    per = triton.cdiv(tiles, ns)
+    return triton.cdiv(tiles, per), per * tile
+
+
 def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
                             seq_lens: torch.Tensor, scale: float, acc: torch.Tensor | None = None,
-                            weights: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                            weights: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                            num_splits: int | None = None) -> torch.Tensor:
     R, Hq, D = query.shape
     H, bs = k_t.shape[1], k_t.shape[3]
     G = Hq // H
@@ -102,21 +196,34 @@ def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Ten
     if R == 0:
         return out
     assert query.stride(2) == 1 and out.stride(2) == 1, "query/out rows must be contiguous"
+    dev = query.device
     bt = block_table.to(torch.int32)
-    sl = seq_lens.to(device=query.device, dtype=torch.int32).contiguous()
+    sl = seq_lens.to(device=dev, dtype=torch.int32).contiguous()
+    ns, split = decode_splits(R * H, bt.shape[1] * bs, force=num_splits)
+    GP, DP = max(_p2(G), 16), max(_p2(D), 16)  # tl.dot needs 16 rows / a 16-wide inner dim
+    tf32 = k_t.dtype != torch.float32 and not _interpreting()
+    m = torch.empty(R * Hq * ns, device=dev, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    o = torch.empty(R * Hq * ns, DP, device=dev, dtype=torch.float32)
+    _decode_partial_kernel[(R, H, ns)](
+        query, k_t, v, bt, sl, m, lsum, o,
+        query.stride(0), query.stride(1), k_t.stride(0), k_t.stride(1), k_t.stride(2), k_t.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3), bt.stride(0),
+        Hq, ns, split, float(scale),
+        G=G, GP=GP, D=D, DP=DP, BS=bs, TILE=DECODE_TILE, TF32=tf32)
     has_acc = acc is not None
     if has_acc:
-        w = weights.to(device=query.device, dtype=torch.float32).contiguous()
+        w = weights.to(device=dev, dtype=torch.float32).contiguous()
         a = acc
     else:
-        w = torch.zeros(1, device=query.device, dtype=torch.float32)
+        w = torch.zeros(1, device=dev, dtype=torch.float32)
         a = w.view(1, 1, 1)
-    _decode_kernel[(R, H)](
-        query, k_t, v, bt, sl, w, a, out,
+    _decode_combine_kernel[(R, H, ns if has_acc else 1)](
+        query, k_t, bt, sl, w, a, out, m, lsum, o,
         query.stride(0), query.stride(1), k_t.stride(0), k_t.stride(1), k_t.stride(2), k_t.stride(3),
-        v.stride(0), v.stride(1), v.stride(2), v.stride(3), a.stride(0), a.stride(1), a.stride(2),
-        bt.stride(0), out.stride(0), out.stride(1), float(scale),
-        G=G, GP=_p2(G), D=D, DP=_p2(D), BS=bs, HAS_ACC=has_acc)
+        a.stride(0), a.stride(1), a.stride(2), bt.stride(0), out.stride(0), out.stride(1),
+        Hq, ns, split, float(scale),
+        G=G, GP=GP, D=D, DP=DP, BS=bs, TILE=DECODE_TILE, NSP=_p2(ns), HAS_ACC=has_acc, TF32=tf32)
     return out
 
 
@@ -138,13 +245,41 @@ def _zero_new_kernel(acc_ptr, bt_ptr, sl_ptr, nr_ptr, sa0, sa1, sas, sbt0, BS: t
 
 
 @triton.jit
-def _window_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, tok_ptr, slot_ptr, wv_ptr, ws_ptr, acc_ptr,
-                   sq0, sq1, sk0, sk1, skd, sks, sa0, sa1, sas, sbt0, scale,
+def _window_logits(q, k_ptr, bt_ptr, i, h, t0, hi, qslot, sk0, sk1, skd, sks, sbt0, scale,
+                   d, dm, t, BS: tl.constexpr, NATIVE: tl.constexpr):
+    """Logits [rows, TILE] of the query rows against window slots t0.. (< hi), causal by
+    each row's own slot; also the tile's slots, their pages and in-range mask."""
+    kslot = t0 + t
+    km = kslot < hi
+    blk = tl.load(bt_ptr + i * sbt0 + kslot // BS, mask=km, other=0).to(tl.int64)
+    off = kslot % BS
+    k = tl.load(k_ptr + blk[None, :] * sk0 + h * sk1 + d[:, None] * skd + off[None, :] * sks,
+                mask=dm[:, None] & km[None, :], other=0.0)  # [DP, TILE]
+    if NATIVE:  # 16-bit operands, float32 accumulation: exact products, like the float32 path
+        lg = tl.dot(q, k)
+    else:
+        lg = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+    ok = (kslot[None, :] <= qslot[:, None]) & km[None, :]
+    return tl.where(ok, lg * scale, float("-inf")), ok, blk, off, km
+
+
+@triton.jit
+def _window_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, tok_ptr, slot_ptr, wv_ptr, ws_ptr, acc_ptr, m_ptr, l_ptr,
+                   sq0, sq1, sk0, sk1, skd, sks, sa0, sa1, sas, sbt0, scale, H, NSK, SPLIT,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
-                   BQ: tl.constexpr):
+                   BQ: tl.constexpr, TILE: tl.constexpr, NSKP: tl.constexpr, SCORES: tl.constexpr,
+                   NATIVE: tl.constexpr):
+    # One program: BQ weighted queries (x GP query heads) of one request and KV head,
+    # against one split of SPLIT window slots (up to the last query's slot), in tiles
+    # of TILE slots (the page of every slot is looked up: any page size works).
+    # SCORES=False: the rows' max and sum over the split, into the partials.
+    # SCORES=True: the partials of all splits give each row's softmax statistics; the
+    # normalised probabilities x weight / G, summed over the rows, go into the scores
+    # (atomics: the query tiles of one request share slots).
     i = tl.program_id(0)
     h = tl.program_id(1)
-    qt = tl.program_id(2)
+    qt = tl.program_id(2) // NSK
+    ks = tl.program_id(2) % NSK
     w0 = tl.load(ws_ptr + i)
     w1 = tl.load(ws_ptr + i + 1)
     r0 = w0 + qt * BQ
@@ -153,48 +288,57 @@ def _window_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, tok_ptr, slot_ptr, wv_ptr, ws_p
         rr = tl.arange(0, BQ * GP)
         g = rr % GP
         widx = r0 + rr // GP
-        rm = (widx < w1) & (g < G)
+        live = widx < w1
+        rm = live & (g < G)
         tok = tl.load(tok_ptr + widx, mask=rm, other=0).to(tl.int64)
         qslot = tl.load(slot_ptr + widx, mask=rm, other=-1)
-        wt = tl.load(wv_ptr + widx, mask=rm, other=0.0)
         d = tl.arange(0, DP)
         dm = d < D
-        s = tl.arange(0, BS)
+        t = tl.arange(0, TILE)
         q = tl.load(q_ptr + tok[:, None] * sq0 + (h * G + g)[:, None] * sq1 + d[None, :],
-                    mask=rm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # [RP, DP]
+                    mask=rm[:, None] & dm[None, :], other=0.0)  # [RP, DP]
+        if not NATIVE:
+            q = q.to(tl.float32)
         kmax = tl.minimum(tl.max(qslot, axis=0) + 1, L)
-        npg = tl.cdiv(kmax, BS)
-        m_i = tl.full([BQ * GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([BQ * GP], tl.float32)
-        for pg in range(0, npg):
-            blk = tl.load(bt_ptr + i * sbt0 + pg).to(tl.int64)
-            kslot = pg * BS + s
-            k = tl.load(k_ptr + blk * sk0 + h * sk1 + d[:, None] * skd + s[None, :] * sks,
-                        mask=dm[:, None] & (kslot < L)[None, :], other=0.0)  # [DP, BS]
-            lg = tl.dot(q, k.to(tl.float32), input_precision="ieee") * scale
-            ok = (kslot[None, :] <= qslot[:, None]) & (kslot < L)[None, :]
-            lg = tl.where(ok, lg, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(lg, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), axis=1)
-            m_i = m_new
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        coef = tl.where(l_i > 0, (wt / G) / tl.where(l_i > 0, l_i, 1.0), 0.0)
-        for pg in range(0, npg):
-            blk = tl.load(bt_ptr + i * sbt0 + pg).to(tl.int64)
-            kslot = pg * BS + s
-            k = tl.load(k_ptr + blk * sk0 + h * sk1 + d[:, None] * skd + s[None, :] * sks,
-                        mask=dm[:, None] & (kslot < L)[None, :], other=0.0)
-            lg = tl.dot(q, k.to(tl.float32), input_precision="ieee") * scale
-            ok = (kslot[None, :] <= qslot[:, None]) & (kslot < L)[None, :]
-            p = tl.where(ok, tl.exp(lg - m_safe[:, None]), 0.0) * coef[:, None]
-            sc = tl.sum(p, axis=0)
-            tl.atomic_add(acc_ptr + blk * sa0 + h * sa1 + s * sas, sc, mask=kslot < kmax)
+        lo = ks * SPLIT
+        hi = tl.minimum(lo + SPLIT, kmax)
+        prow = ((widx * H + h) * GP + g) * NSK  # partials of (weighted query, KV head, group row)
+        if not SCORES:
+            m_i = tl.full([BQ * GP], float("-inf"), tl.float32)
+            l_i = tl.zeros([BQ * GP], tl.float32)
+            for t0 in range(lo, hi, TILE):
+                lg, ok, blk, off, km = _window_logits(q, k_ptr, bt_ptr, i, h, t0, hi, qslot, sk0, sk1, skd, sks,
+                                                      sbt0, scale, d, dm, t, BS, NATIVE)
+                m_new = tl.maximum(m_i, tl.max(lg, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), axis=1)
+                m_i = m_new
+            tl.store(m_ptr + prow + ks, m_i, mask=live)
+            tl.store(l_ptr + prow + ks, l_i, mask=live)
+        else:
+            ns = tl.arange(0, NSKP)
+            pm = live[:, None] & (ns < NSK)[None, :]
+            m_s = tl.load(m_ptr + prow[:, None] + ns[None, :], mask=pm, other=float("-inf"))
+            l_s = tl.load(l_ptr + prow[:, None] + ns[None, :], mask=pm, other=0.0)
+            m = tl.max(m_s, axis=1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            l_i = tl.sum(l_s * tl.exp(m_s - m_safe[:, None]), axis=1)
+            wt = tl.load(wv_ptr + widx, mask=rm, other=0.0)
+            coef = tl.where(l_i > 0, (wt / G) / tl.where(l_i > 0, l_i, 1.0), 0.0)
+            for t0 in range(lo, hi, TILE):
+                lg, ok, blk, off, km = _window_logits(q, k_ptr, bt_ptr, i, h, t0, hi, qslot, sk0, sk1, skd, sks,
+                                                      sbt0, scale, d, dm, t, BS, NATIVE)
+                p = tl.where(ok, tl.exp(lg - m_safe[:, None]), 0.0) * coef[:, None]
+                sc = tl.sum(p, axis=0)
+                tl.atomic_add(acc_ptr + blk * sa0 + h * sa1 + off * sas, sc, mask=km)
+
+
+WINDOW_TILE = 64  # key slots per inner iteration of the window kernel
 
 
 def window_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Tensor, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, num_retained: torch.Tensor, weights: torch.Tensor, scale: float,
-                  acc: torch.Tensor, block_rows: int = 64) -> None:
+                  acc: torch.Tensor, block_rows: int = 64, num_splits: int | None = None) -> None:
     dev = query.device
     R = seq_lens.shape[0]
     if R == 0:
@@ -226,16 +370,23 @@ def window_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Ten
     ws[1:] = torch.cumsum(cnt, 0)
     GP = _p2(G)
     bq = max(1, _p2(block_rows) // GP)  # BQ * GP query-head rows per program (>= 16 for tl.dot)
-    grid = (R, H, triton.cdiv(int(cnt.max()), bq))
+    qtiles = triton.cdiv(int(cnt.max()), bq)
+    nsk, split = decode_splits(R * H * qtiles, bt.shape[1] * bs, tile=WINDOW_TILE, force=num_splits)  # keys too
+    n_sel = int(sel.numel())
+    m = torch.empty(n_sel * H * GP * nsk, device=dev, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    native = k_t.dtype in (torch.bfloat16, torch.float16) and query.dtype == k_t.dtype and not _interpreting()
 
     def on_dev(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous().to(dev, non_blocking=True)
 
-    _window_kernel[grid](
-        query, k_t, bt, sl, on_dev(sel), on_dev(slot), on_dev(w_all[sel]), on_dev(ws), acc,
-        query.stride(0), query.stride(1), k_t.stride(0), k_t.stride(1), k_t.stride(2), k_t.stride(3),
-        acc.stride(0), acc.stride(1), acc.stride(2), bt.stride(0), float(scale),
-        G=G, GP=GP, D=D, DP=max(_p2(D), 16), BS=bs, BQ=bq)
+    args = (query, k_t, bt, sl, on_dev(sel), on_dev(slot), on_dev(w_all[sel]), on_dev(ws), acc, m, lsum,
+            query.stride(0), query.stride(1), k_t.stride(0), k_t.stride(1), k_t.stride(2), k_t.stride(3),
+            acc.stride(0), acc.stride(1), acc.stride(2), bt.stride(0), float(scale), H, nsk, split)
+    for scores in (False, True):  # statistics of every split first, then the probabilities
+        _window_kernel[(R, H, qtiles * nsk)](
+            *args, G=G, GP=GP, D=D, DP=max(_p2(D), 16), BS=bs, BQ=bq, TILE=WINDOW_TILE, NSKP=_p2(nsk),
+            SCORES=scores, NATIVE=native)
 
 
 # ---------------------------------------------------------------- (c) compaction (gather, then scatter)
