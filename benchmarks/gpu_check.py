@@ -571,14 +571,20 @@ def dense_floor_fn(R: int, L: int, shape, dtype, dev):
     return (lambda: sdpa(q, k, v)), f"K/V expanded to {Hq} heads (reads {Hq // H}x the bytes)"
 
 
-def paged_decode_fns(R: int, L: int, shape, bs: int, dtype, dev):
-    Hq, H, D = shape
+def full_windows(R: int, L: int, H: int, D: int, bs: int, dtype, dev):
+    """R windows of L slots on randomly placed pages of a TRITON_ATTN-layout cache:
+    (views, block table, seq_lens)."""
     pages = cdiv(L, bs)
     nb = R * pages + 1
     phys = torch.randn(nb, bs, H, 2 * D, device=dev, dtype=dtype)
     lay = paged_views(phys, torch.zeros(nb, H, bs, device=dev), "NHD")
     bt = (torch.randperm(nb - 1, device=dev)[:R * pages] + 1).view(R, pages).to(torch.int32)
-    sl = torch.full((R,), L, dtype=torch.int32, device=dev)
+    return lay, bt, torch.full((R,), L, dtype=torch.int32, device=dev)
+
+
+def paged_decode_fns(R: int, L: int, shape, bs: int, dtype, dev):
+    Hq, H, D = shape
+    lay, bt, sl = full_windows(R, L, H, D, bs, dtype, dev)
     q = torch.randn(R, Hq, D, device=dev, dtype=dtype)
     w = torch.ones(R, device=dev)
     out = torch.empty_like(q)
@@ -630,12 +636,7 @@ def window_speed_case(R: int, L: int, nq: int, dev, flush) -> dict:
     bs = SPEED_BS
     row = {"name": f"window R={R} L={L} q={nq}", "kind": "window", "requests": R, "context": L,
            "queries": nq, "shape": f"{Hq}/{H}x{D}", "block_size": bs, "dtype": SPEED_DTYPE}
-    pages = cdiv(L, bs)
-    nb = R * pages + 1
-    phys = torch.randn(nb, bs, H, 2 * D, device=dev, dtype=dtype)
-    lay = paged_views(phys, torch.zeros(nb, H, bs, device=dev), "NHD")
-    bt = (torch.randperm(nb - 1, device=dev)[:R * pages] + 1).view(R, pages).to(torch.int32)
-    sl = torch.full((R,), L, dtype=torch.int32, device=dev)
+    lay, bt, sl = full_windows(R, L, H, D, bs, dtype, dev)
     q = torch.randn(R * nq, Hq, D, device=dev, dtype=dtype)
     qs = torch.arange(R + 1, dtype=torch.int32) * nq  # host: as the backend passes it
     nr = torch.full((R,), L - nq, dtype=torch.int32)

@@ -51,12 +51,41 @@ DECODE_TILE = 64  # slots per inner iteration
 DECODE_TARGET_PROGRAMS = 4 * 132  # enough programs to fill an H100/H200 (132 SMs) a few times
 
 
+# Dot precision (constexpr PREC): 0 = float32 operands, "ieee"; 1 = float32 operands,
+# "tf32"; 2 = the cache's 16-bit operands as they are (float32 accumulation).
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    if PREC == 2:
+        return tl.dot(a, b)
+    elif PREC == 1:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _tile_logits(q, k_ptr, bt_ptr, i, h, t0, hi, sk0, sk1, skd, sks, sbt0, scale, d, dm, t,
+                 BS: tl.constexpr, PREC: tl.constexpr):
+    """Scaled logits [rows, TILE] of the query rows ``q`` against window slots
+    ``t0 + t`` of request ``i``, KV head ``h`` (slots >= ``hi``: -inf), looking the
+    page of every slot up in the block table; also the slots, their in-range mask,
+    pages and offsets."""
+    kslot = t0 + t
+    km = kslot < hi
+    blk = tl.load(bt_ptr + i * sbt0 + kslot // BS, mask=km, other=0).to(tl.int64)
+    off = kslot % BS
+    k = tl.load(k_ptr + blk[None, :] * sk0 + h * sk1 + d[:, None] * skd + off[None, :] * sks,
+                mask=dm[:, None] & km[None, :], other=0.0)  # [DP, TILE]
+    lg = _dot(q, k, PREC)
+    return tl.where(km[None, :], lg * scale, float("-inf")), kslot, km, blk, off
+
+
 @triton.jit
 def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, m_ptr, l_ptr, o_ptr,
                            sq0, sq1, sk0, sk1, skd, sks, sv0, sv1, svs, svd, sbt0,
                            Hq, NS, SPLIT, scale,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                           BS: tl.constexpr, TILE: tl.constexpr, TF32: tl.constexpr):
+                           BS: tl.constexpr, TILE: tl.constexpr, PREC: tl.constexpr):
     i = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -75,28 +104,15 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, m_ptr, l_ptr, o_
     lo = sp * SPLIT
     hi = tl.minimum(lo + SPLIT, L)
     for t0 in range(lo, hi, TILE):
-        slot = t0 + t
-        sm = slot < hi
-        blk = tl.load(bt_ptr + i * sbt0 + slot // BS, mask=sm, other=0).to(tl.int64)
-        off = slot % BS
-        k = tl.load(k_ptr + blk[None, :] * sk0 + h * sk1 + d[:, None] * skd + off[None, :] * sks,
-                    mask=dm[:, None] & sm[None, :], other=0.0).to(tl.float32)  # [DP, TILE]
-        if TF32:
-            lg = tl.dot(q, k, input_precision="tf32")
-        else:
-            lg = tl.dot(q, k, input_precision="ieee")
-        lg = tl.where(sm[None, :], lg * scale, float("-inf"))  # [GP, TILE]
+        lg, slot, sm, blk, off = _tile_logits(q, k_ptr, bt_ptr, i, h, t0, hi, sk0, sk1, skd, sks, sbt0, scale,
+                                              d, dm, t, BS, PREC)  # [GP, TILE]
         m_new = tl.maximum(m_i, tl.max(lg, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(lg - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vv = tl.load(v_ptr + blk[:, None] * sv0 + h * sv1 + off[:, None] * svs + d[None, :] * svd,
-                     mask=sm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # [TILE, DP]
-        if TF32:
-            pv = tl.dot(p, vv, input_precision="tf32")
-        else:
-            pv = tl.dot(p, vv, input_precision="ieee")
-        o = o * alpha[:, None] + pv
+                     mask=sm[:, None] & dm[None, :], other=0.0)  # [TILE, DP]
+        o = o * alpha[:, None] + _dot(p, vv, PREC)
         m_i = m_new
     row = (i * Hq + qh) * NS + sp  # partial row of (request, query head, split)
     tl.store(m_ptr + row, m_i, mask=gm)
@@ -110,7 +126,7 @@ def _decode_combine_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, w_ptr, acc_ptr, out_ptr
                            Hq, NS, SPLIT, scale,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                            BS: tl.constexpr, TILE: tl.constexpr, NSP: tl.constexpr,
-                           HAS_ACC: tl.constexpr, TF32: tl.constexpr):
+                           HAS_ACC: tl.constexpr, PREC: tl.constexpr):
     i = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -150,17 +166,8 @@ def _decode_combine_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, w_ptr, acc_ptr, out_ptr
         lo = sp * SPLIT
         hi = tl.minimum(lo + SPLIT, L)
         for t0 in range(lo, hi, TILE):
-            slot = t0 + t
-            sm = slot < hi
-            blk = tl.load(bt_ptr + i * sbt0 + slot // BS, mask=sm, other=0).to(tl.int64)
-            off = slot % BS
-            k = tl.load(k_ptr + blk[None, :] * sk0 + h * sk1 + d[:, None] * skd + off[None, :] * sks,
-                        mask=dm[:, None] & sm[None, :], other=0.0).to(tl.float32)
-            if TF32:
-                lg = tl.dot(q, k, input_precision="tf32")
-            else:
-                lg = tl.dot(q, k, input_precision="ieee")
-            lg = tl.where(sm[None, :], lg * scale, float("-inf"))
+            lg, slot, sm, blk, off = _tile_logits(q, k_ptr, bt_ptr, i, h, t0, hi, sk0, sk1, skd, sks, sbt0, scale,
+                                                  d, dm, t, BS, PREC)
             p = tl.exp(lg - m_safe[:, None]) * coef[:, None]
             sc = tl.sum(p, axis=0)  # [TILE]
             ap = acc_ptr + blk * sa0 + h * sa1 + off * sas
@@ -203,7 +210,7 @@ def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Ten
     sl = seq_lens.to(device=dev, dtype=torch.int32).contiguous()
     ns, split = decode_splits(R * H, bt.shape[1] * bs, force=num_splits)
     GP, DP = max(_p2(G), 16), max(_p2(D), 16)  # tl.dot needs 16 rows / a 16-wide inner dim
-    tf32 = k_t.dtype != torch.float32 and not _interpreting()
+    prec = 1 if k_t.dtype != torch.float32 and not _interpreting() else 0  # tf32 / ieee (P @ V too)
     m = torch.empty(R * Hq * ns, device=dev, dtype=torch.float32)
     lsum = torch.empty_like(m)
     o = torch.empty(R * Hq * ns, DP, device=dev, dtype=torch.float32)
@@ -212,7 +219,7 @@ def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Ten
         query.stride(0), query.stride(1), k_t.stride(0), k_t.stride(1), k_t.stride(2), k_t.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3), bt.stride(0),
         Hq, ns, split, float(scale),
-        G=G, GP=GP, D=D, DP=DP, BS=bs, TILE=DECODE_TILE, TF32=tf32)
+        G=G, GP=GP, D=D, DP=DP, BS=bs, TILE=DECODE_TILE, PREC=prec)
     has_acc = acc is not None
     if has_acc:
         w = weights.to(device=dev, dtype=torch.float32).contiguous()
@@ -225,7 +232,7 @@ def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Ten
         query.stride(0), query.stride(1), k_t.stride(0), k_t.stride(1), k_t.stride(2), k_t.stride(3),
         a.stride(0), a.stride(1), a.stride(2), bt.stride(0), out.stride(0), out.stride(1),
         Hq, ns, split, float(scale),
-        G=G, GP=GP, D=D, DP=DP, BS=bs, TILE=DECODE_TILE, NSP=_p2(ns), HAS_ACC=has_acc, TF32=tf32)
+        G=G, GP=GP, D=D, DP=DP, BS=bs, TILE=DECODE_TILE, NSP=_p2(ns), HAS_ACC=has_acc, PREC=prec)
     return out
 
 
@@ -247,30 +254,11 @@ def _zero_new_kernel(acc_ptr, bt_ptr, sl_ptr, nr_ptr, sa0, sa1, sas, sbt0, BS: t
 
 
 @triton.jit
-def _window_logits(q, k_ptr, bt_ptr, i, h, t0, hi, qslot, sk0, sk1, skd, sks, sbt0, scale,
-                   d, dm, t, BS: tl.constexpr, NATIVE: tl.constexpr):
-    """Logits [rows, TILE] of the query rows against window slots t0.. (< hi), causal by
-    each row's own slot; also the tile's slots, their pages and in-range mask."""
-    kslot = t0 + t
-    km = kslot < hi
-    blk = tl.load(bt_ptr + i * sbt0 + kslot // BS, mask=km, other=0).to(tl.int64)
-    off = kslot % BS
-    k = tl.load(k_ptr + blk[None, :] * sk0 + h * sk1 + d[:, None] * skd + off[None, :] * sks,
-                mask=dm[:, None] & km[None, :], other=0.0)  # [DP, TILE]
-    if NATIVE:  # 16-bit operands, float32 accumulation: exact products, like the float32 path
-        lg = tl.dot(q, k)
-    else:
-        lg = tl.dot(q, k.to(tl.float32), input_precision="ieee")
-    ok = (kslot[None, :] <= qslot[:, None]) & km[None, :]
-    return tl.where(ok, lg * scale, float("-inf")), ok, blk, off, km
-
-
-@triton.jit
 def _window_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, tok_ptr, slot_ptr, wv_ptr, ws_ptr, acc_ptr, m_ptr, l_ptr,
                    sq0, sq1, sk0, sk1, skd, sks, sa0, sa1, sas, sbt0, scale, H, NSK, SPLIT,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
                    BQ: tl.constexpr, TILE: tl.constexpr, NSKP: tl.constexpr, SCORES: tl.constexpr,
-                   NATIVE: tl.constexpr):
+                   PREC: tl.constexpr):
     # One program: BQ weighted queries (x GP query heads) of one request and KV head,
     # against one split of SPLIT window slots (up to the last query's slot), in tiles
     # of TILE slots (the page of every slot is looked up: any page size works).
@@ -299,8 +287,6 @@ def _window_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, tok_ptr, slot_ptr, wv_ptr, ws_p
         t = tl.arange(0, TILE)
         q = tl.load(q_ptr + tok[:, None] * sq0 + (h * G + g)[:, None] * sq1 + d[None, :],
                     mask=rm[:, None] & dm[None, :], other=0.0)  # [RP, DP]
-        if not NATIVE:
-            q = q.to(tl.float32)
         kmax = tl.minimum(tl.max(qslot, axis=0) + 1, L)
         lo = ks * SPLIT
         hi = tl.minimum(lo + SPLIT, kmax)
@@ -309,8 +295,10 @@ def _window_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, tok_ptr, slot_ptr, wv_ptr, ws_p
             m_i = tl.full([BQ * GP], float("-inf"), tl.float32)
             l_i = tl.zeros([BQ * GP], tl.float32)
             for t0 in range(lo, hi, TILE):
-                lg, ok, blk, off, km = _window_logits(q, k_ptr, bt_ptr, i, h, t0, hi, qslot, sk0, sk1, skd, sks,
-                                                      sbt0, scale, d, dm, t, BS, NATIVE)
+                lg, kslot, km, blk, off = _tile_logits(q, k_ptr, bt_ptr, i, h, t0, hi, sk0, sk1, skd, sks,
+                                                       sbt0, scale, d, dm, t, BS, PREC)
+                ok = (kslot[None, :] <= qslot[:, None]) & km[None, :]  # causal, per query row
+                lg = tl.where(ok, lg, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(lg, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), axis=1)
@@ -328,8 +316,10 @@ def _window_kernel(q_ptr, k_ptr, bt_ptr, sl_ptr, tok_ptr, slot_ptr, wv_ptr, ws_p
             wt = tl.load(wv_ptr + widx, mask=rm, other=0.0)
             coef = tl.where(l_i > 0, (wt / G) / tl.where(l_i > 0, l_i, 1.0), 0.0)
             for t0 in range(lo, hi, TILE):
-                lg, ok, blk, off, km = _window_logits(q, k_ptr, bt_ptr, i, h, t0, hi, qslot, sk0, sk1, skd, sks,
-                                                      sbt0, scale, d, dm, t, BS, NATIVE)
+                lg, kslot, km, blk, off = _tile_logits(q, k_ptr, bt_ptr, i, h, t0, hi, sk0, sk1, skd, sks,
+                                                       sbt0, scale, d, dm, t, BS, PREC)
+                ok = (kslot[None, :] <= qslot[:, None]) & km[None, :]  # causal, per query row
+                lg = tl.where(ok, lg, float("-inf"))
                 p = tl.where(ok, tl.exp(lg - m_safe[:, None]), 0.0) * coef[:, None]
                 sc = tl.sum(p, axis=0)
                 tl.atomic_add(acc_ptr + blk * sa0 + h * sa1 + off * sas, sc, mask=km)
@@ -388,7 +378,7 @@ def window_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Ten
     for scores in (False, True):  # statistics of every split first, then the probabilities
         _window_kernel[(R, H, qtiles * nsk)](
             *args, G=G, GP=GP, D=D, DP=max(_p2(D), 16), BS=bs, BQ=bq, TILE=WINDOW_TILE, NSKP=_p2(nsk),
-            SCORES=scores, NATIVE=native)
+            SCORES=scores, PREC=2 if native else 0)
 
 
 # ---------------------------------------------------------------- (c) compaction (gather, then scatter)
