@@ -87,6 +87,54 @@ def paged_view(key_cache: torch.Tensor, value_cache: torch.Tensor, acc: torch.Te
     return PagedLayer(k_t=key_cache.view(nb, h, d, bs), v=value_cache, acc=acc)
 
 
+# ---------------------------------------------------------------- vLLM's CPU "amx" pages
+#
+# On CPUs with AMX tiles vLLM 0.32's CPU attention picks ISA "amx" for bf16 caches
+# with block_size % 32 == 0. Its pages have the same [nb, H, bs, D] halves, but each
+# (block, head) region is packed as AMX B tiles of 16 rows x 32 bf16, a pair of bf16
+# in each 32-bit word: keys in groups of 16 tokens, a word = two adjacent head dims of
+# one token; values in groups of 16 head dims, a word = two adjacent tokens
+# (vllm-project/vllm csrc/cpu/cpu_attn_amx.hpp, reshape_and_cache; checked against
+# vLLM's own cache-write op by tests/test_amx_layout.py, which runs anywhere: the write
+# op uses no AMX instruction). The compressed layers still run the "vec" layout (the
+# kernels read only it); these are the torch reference of the packing for the AMX path.
+
+
+def amx_key_index(block_size: int, head_size: int) -> torch.Tensor:
+    """[bs, D] flat offset of key (token t, dim d) inside one (block, head) key region."""
+    t = torch.arange(block_size)[:, None]
+    d = torch.arange(head_size)[None, :]
+    return (t // 16) * 16 * head_size + (d // 2) * 32 + (t % 16) * 2 + d % 2
+
+
+def amx_value_index(block_size: int, head_size: int) -> torch.Tensor:
+    """[bs, D] flat offset of value (token t, dim d) inside one (block, head) value region."""
+    t = torch.arange(block_size)[:, None]
+    d = torch.arange(head_size)[None, :]
+    return (d // 16) * 16 * block_size + (t // 2) * 32 + (d % 16) * 2 + t % 2
+
+
+def unpack_amx(key_cache: torch.Tensor, value_cache: torch.Tensor) -> PagedLayer:
+    """A "vec"-layout copy (:class:`PagedLayer`, no scores) of "amx" halves ``[nb, H, bs, D]``."""
+    nb, h, bs, d = value_cache.shape
+    kf = key_cache.reshape(nb, h, bs * d)
+    vf = value_cache.reshape(nb, h, bs * d)
+    keys = kf[:, :, amx_key_index(bs, d).flatten()].view(nb, h, bs, d)
+    values = vf[:, :, amx_value_index(bs, d).flatten()].view(nb, h, bs, d)
+    return PagedLayer(k_t=keys.transpose(2, 3).contiguous(), v=values.contiguous(), acc=None)
+
+
+def pack_amx(layer: PagedLayer, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """Write a "vec"-layout :class:`PagedLayer` into "amx" halves (inverse of :func:`unpack_amx`)."""
+    nb, h, bs, d = value_cache.shape
+    kf = torch.empty(nb, h, bs * d, dtype=key_cache.dtype)
+    vf = torch.empty_like(kf)
+    kf[:, :, amx_key_index(bs, d).flatten()] = layer.k_t.transpose(2, 3).reshape(nb, h, bs * d)
+    vf[:, :, amx_value_index(bs, d).flatten()] = layer.v.reshape(nb, h, bs * d)
+    key_cache.copy_(kf.view(nb, h, bs, d))
+    value_cache.copy_(vf.view(nb, h, bs, d))
+
+
 def window_slots(block_row: torch.Tensor, start_entry: int, count: int, block_size: int):
     """(block ids, offsets) of window slots ``0..count-1`` of a block-table row."""
     p = torch.arange(count, dtype=torch.long)

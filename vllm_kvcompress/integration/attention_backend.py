@@ -46,7 +46,8 @@ class KVCompressMetadataBuilder(CompressedBuilderMixin, CPUAttentionMetadataBuil
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_compression(kv_cache_spec)
-        if self.compressed and self.isa == "amx":  # keep the key-page layout the C++ kernels are written for
+        # keep the page layout the C++ kernels read ("amx" packing: ops.unpack_amx, tests/test_amx_layout.py)
+        if self.compressed and self.isa == "amx":
             self.isa = "vec"
             self._set_isa_to_layers(layer_names)
 
