@@ -76,16 +76,20 @@ def choose_dtype(requested: str, model_dir, flags: dict[str, bool] | None = None
 
 def attn_isa(dtype: str, block_size: int, head_dim: int | None) -> dict:
     """vLLM's CPU attention ISA for this dtype/page size/head size
-    (``cpu_attn._get_attn_isa``), and the one compressed layers use (the plugin
-    keeps them off AMX's page layout: ``amx`` becomes ``vec``)."""
+    (``cpu_attn._get_attn_isa``), and the one compressed layers use (``amx`` becomes
+    ``vec`` unless ``VLLM_KVCOMPRESS_CPU_AMX=1``)."""
     try:
         import torch
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+        from vllm_kvcompress.integration.attention_backend import amx_pages_enabled
+
         isa = _get_attn_isa(getattr(torch, dtype), block_size, head_dim, "auto")
+        keep_amx = amx_pages_enabled()
     except Exception as e:  # noqa: BLE001 - recorded, not fatal
         return {"block_size": block_size, "vllm": None, "compressed_layers": None, "error": repr(e)}
-    return {"block_size": block_size, "vllm": isa, "compressed_layers": "vec" if isa == "amx" else isa}
+    return {"block_size": block_size, "vllm": isa,
+            "compressed_layers": "vec" if isa == "amx" and not keep_amx else isa}
 
 
 def torch_isa() -> dict:

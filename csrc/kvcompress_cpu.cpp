@@ -19,6 +19,14 @@
 // (bt rows already shifted to the window's first entry), except in
 // compact_windows, which takes unshifted rows and start entries.
 //
+// With amx=true (bf16 only) the same [nb, H, 2*bs, D] halves hold vLLM's CPU "amx"
+// pages (block_size % 32 == 0, head size % 32 == 0): per (block, head) region, key
+// (t, d) at (t/16)*16*D + (d/2)*32 + (t%16)*2 + d%2 (16-token groups, a 32-bit word =
+// two adjacent dims of one token) and value (t, d) at (d/16)*16*bs + (t/2)*32 +
+// (d%16)*2 + t%2 (16-dim groups, a word = two adjacent tokens). The k_t / v views
+// are then just the regions' memory (their logical axes do not apply); torch
+// reference: ops.unpack_amx / ops.pack_amx, pinned to vLLM's own cache-write op.
+//
 // GQA: query head hq belongs to KV head hq / G (G = Hq / H); a KV head's score
 // is the mean over its G query heads. Softmax and all accumulation in float32.
 // Parallel over (request, KV head [, query split]) with OpenMP (the same
@@ -173,6 +181,38 @@ static inline F8 f8_exp(F8 a) {
 template <typename T>
 static inline float to_f(T x) {
   return static_cast<float>(x);
+}
+
+// 8 consecutive 32-bit words of bf16 pairs at p: the low (first) and the high
+// (second) element of each word, as floats (a bf16 is the top half of a float32).
+#ifdef KVC_AVX2
+static inline F8 f8_pair_lo(const c10::BFloat16* p) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+static inline F8 f8_pair_hi(const c10::BFloat16* p) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+}
+#else
+static inline F8 f8_pair_lo(const c10::BFloat16* p) {
+  F8 a;
+  for (int i = 0; i < 8; ++i) a.r[i] = static_cast<float>(p[2 * i]);
+  return a;
+}
+static inline F8 f8_pair_hi(const c10::BFloat16* p) {
+  F8 a;
+  for (int i = 0; i < 8; ++i) a.r[i] = static_cast<float>(p[2 * i + 1]);
+  return a;
+}
+#endif
+
+// element offsets inside one (block, head) region of vLLM's "amx" pages
+static inline int64_t amx_k_off(int t, int d, int D) {
+  return static_cast<int64_t>(t / 16) * 16 * D + (d / 2) * 32 + (t % 16) * 2 + d % 2;
+}
+static inline int64_t amx_v_off(int t, int d, int bs) {
+  return static_cast<int64_t>(d / 16) * 16 * bs + (t / 2) * 32 + (d % 16) * 2 + t % 2;
 }
 
 // ---------------------------------------------------------------- scratch
@@ -347,17 +387,148 @@ static void pv(const float* p, int64_t ldp, int M, const T* const* vpages, int b
   }
 }
 
+// ---------------------------------------------------------------- QK / PV on "amx" pages (bf16)
+// Logits of M (<= 4) query rows against the 16 slots of key group kg (16*D
+// elements): for each dim pair a 64-byte row holds (k[t][d], k[t][d+1]) for 16 t.
+template <int M>
+static inline void qk_group_amx(const float* __restrict q, int64_t ldq, const c10::BFloat16* __restrict kg, int D,
+                                float* __restrict c, int64_t ldc) {
+  F8 acc[M][2];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = f8_zero();
+  for (int j = 0; j < D / 2; ++j) {
+    const c10::BFloat16* row = kg + static_cast<int64_t>(j) * 32;
+    const F8 lo0 = f8_pair_lo(row), hi0 = f8_pair_hi(row), lo1 = f8_pair_lo(row + 16), hi1 = f8_pair_hi(row + 16);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      const F8 a = f8_bcast(q + m * ldq + 2 * j), b = f8_bcast(q + m * ldq + 2 * j + 1);
+      acc[m][0] = f8_fma(b, hi0, f8_fma(a, lo0, acc[m][0]));
+      acc[m][1] = f8_fma(b, hi1, f8_fma(a, lo1, acc[m][1]));
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+    f8_store(c + m * ldc, acc[m][0]);
+    f8_store(c + m * ldc + 8, acc[m][1]);
+  }
+}
+
+// qk_page on an "amx" key page (bs % 16 == 0, D even)
+static void qk_page_amx(const float* q, int64_t ldq, int M, const c10::BFloat16* kp, int bs, int D, float* c,
+                        int64_t ldc) {
+  for (int t0 = 0; t0 < bs; t0 += 16) {
+    const c10::BFloat16* kg = kp + static_cast<int64_t>(t0) * D;
+    int m = 0;
+    for (; m + 4 <= M; m += 4) qk_group_amx<4>(q + m * ldq, ldq, kg, D, c + m * ldc + t0, ldc);
+    switch (M - m) {
+      case 3: qk_group_amx<3>(q + m * ldq, ldq, kg, D, c + m * ldc + t0, ldc); break;
+      case 2: qk_group_amx<2>(q + m * ldq, ldq, kg, D, c + m * ldc + t0, ldc); break;
+      case 1: qk_group_amx<1>(q + m * ldq, ldq, kg, D, c + m * ldc + t0, ldc); break;
+      default: break;
+    }
+  }
+}
+
+// o[m][dg*16 .. +16) = sum_{j<n} p[m][j] V[j][...] over "amx" value pages: for each
+// 16-dim group and token pair a 64-byte row holds (v[t][d], v[t+1][d]) for 16 d.
+template <int M>
+static inline void pv_group_amx(const float* __restrict p, int64_t ldp, const c10::BFloat16* const* vpages, int bs,
+                                int n, int dg, float* __restrict o, int64_t ldo) {
+  F8 acc[M][2];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = f8_zero();
+  for (int pg = 0, base = 0; base < n; ++pg, base += bs) {
+    const c10::BFloat16* vp = vpages[pg] + static_cast<int64_t>(dg) * 16 * bs;
+    const int cnt = std::min(bs, n - base);
+    const float* pp = p + base;
+    for (int t = 0; t < cnt; t += 2) {
+      const c10::BFloat16* row = vp + static_cast<int64_t>(t / 2) * 32;
+      const F8 lo0 = f8_pair_lo(row), hi0 = f8_pair_hi(row), lo1 = f8_pair_lo(row + 16), hi1 = f8_pair_hi(row + 16);
+      if (t + 1 < cnt) {
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          const F8 a = f8_bcast(pp + m * ldp + t), b = f8_bcast(pp + m * ldp + t + 1);
+          acc[m][0] = f8_fma(b, hi0, f8_fma(a, lo0, acc[m][0]));
+          acc[m][1] = f8_fma(b, hi1, f8_fma(a, lo1, acc[m][1]));
+        }
+      } else {  // an odd tail: the pair's second token is past the window (its slot may hold anything)
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          const F8 a = f8_bcast(pp + m * ldp + t);
+          acc[m][0] = f8_fma(a, lo0, acc[m][0]);
+          acc[m][1] = f8_fma(a, lo1, acc[m][1]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+    f8_store(o + m * ldo + dg * 16, acc[m][0]);
+    f8_store(o + m * ldo + dg * 16 + 8, acc[m][1]);
+  }
+}
+
+static void pv_amx(const float* p, int64_t ldp, int M, const c10::BFloat16* const* vpages, int bs, int D, int n,
+                   float* o, int64_t ldo) {
+  for (int dg = 0; dg < D / 16; ++dg) {
+    int m = 0;
+    for (; m + 4 <= M; m += 4) pv_group_amx<4>(p + m * ldp, ldp, vpages, bs, n, dg, o + m * ldo, ldo);
+    switch (M - m) {
+      case 3: pv_group_amx<3>(p + m * ldp, ldp, vpages, bs, n, dg, o + m * ldo, ldo); break;
+      case 2: pv_group_amx<2>(p + m * ldp, ldp, vpages, bs, n, dg, o + m * ldo, ldo); break;
+      case 1: pv_group_amx<1>(p + m * ldp, ldp, vpages, bs, n, dg, o + m * ldo, ldo); break;
+      default: break;
+    }
+  }
+}
+
+// the page functions of one layout, for the templated kernels
+template <typename T>
+struct PageOps {
+  bool amx;
+  void qk(const float* q, int64_t ldq, int M, const T* kp, int bs, int D, float* c, int64_t ldc) const {
+    qk_page(q, ldq, M, kp, bs, D, c, ldc);
+  }
+  void pvp(const float* p, int64_t ldp, int M, const T* const* vp, int bs, int D, int n, float* o,
+           int64_t ldo) const {
+    pv(p, ldp, M, vp, bs, D, n, o, ldo);
+  }
+};
+template <>
+struct PageOps<c10::BFloat16> {
+  bool amx;
+  void qk(const float* q, int64_t ldq, int M, const c10::BFloat16* kp, int bs, int D, float* c, int64_t ldc) const {
+    if (amx)
+      qk_page_amx(q, ldq, M, kp, bs, D, c, ldc);
+    else
+      qk_page(q, ldq, M, kp, bs, D, c, ldc);
+  }
+  void pvp(const float* p, int64_t ldp, int M, const c10::BFloat16* const* vp, int bs, int D, int n, float* o,
+           int64_t ldo) const {
+    if (amx)
+      pv_amx(p, ldp, M, vp, bs, D, n, o, ldo);
+    else
+      pv(p, ldp, M, vp, bs, D, n, o, ldo);
+  }
+};
+
 // ---------------------------------------------------------------- checks
 
 struct PagedArgs {
   int64_t nb, H, D, bs;
   int64_t sk0, sk1, sv0, sv1, sa0 = 0, sa1 = 0;
+  bool amx = false;
 };
 
-static PagedArgs check_paged(const at::Tensor& k_t, const at::Tensor* v, const c10::optional<at::Tensor>& acc) {
+static PagedArgs check_paged(const at::Tensor& k_t, const at::Tensor* v, const c10::optional<at::Tensor>& acc,
+                             bool amx = false) {
   TORCH_CHECK(k_t.dim() == 4, "k_t must be [nb, H, D, bs]");
   TORCH_CHECK(k_t.device().is_cpu(), "kvcompress CPU kernels need CPU tensors");
   PagedArgs a;
+  a.amx = amx;
+  if (amx)
+    TORCH_CHECK(k_t.scalar_type() == at::kBFloat16 && k_t.size(3) % 32 == 0 && k_t.size(2) % 32 == 0,
+                "amx pages need a bf16 cache, block_size % 32 == 0 and head_size % 32 == 0");
   a.nb = k_t.size(0);
   a.H = k_t.size(1);
   a.D = k_t.size(2);
@@ -424,6 +595,7 @@ static void decode_impl(const at::Tensor& query, const PagedArgs& pa, const T* k
   const float scale = static_cast<float>(scale_d);
   const int64_t items = R * H;
   const int nt = num_threads_for(items);
+  const PageOps<T> po{pa.amx};
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t it = 0; it < items; ++it) {
@@ -454,9 +626,9 @@ static void decode_impl(const at::Tensor& query, const PagedArgs& pa, const T* k
       kp[pg] = kbase + b * pa.sk0 + h * pa.sk1;
       vp[pg] = vbase + b * pa.sv0 + h * pa.sv1;
     }
-    for (int pg = 0; pg < npg; ++pg) qk_page(qf, D, G, kp[pg], bs, D, lg + static_cast<int64_t>(pg) * bs, ldl);
+    for (int pg = 0; pg < npg; ++pg) po.qk(qf, D, G, kp[pg], bs, D, lg + static_cast<int64_t>(pg) * bs, ldl);
     for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalized(lg + g * ldl, L);
-    pv(lg, ldl, G, vp, bs, D, L, of, D);
+    po.pvp(lg, ldl, G, vp, bs, D, L, of, D);
     for (int g = 0; g < G; ++g)
       for (int d = 0; d < D; ++d) orow[g * so1 + d] = static_cast<T>(of[g * D + d] * inv[g]);
     if (acc != nullptr) {
@@ -490,8 +662,8 @@ static void decode_impl(const at::Tensor& query, const PagedArgs& pa, const T* k
 void decode_attention_scores(const at::Tensor& query, const at::Tensor& k_t, const at::Tensor& v,
                              const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
                              const c10::optional<at::Tensor>& acc, const c10::optional<at::Tensor>& weights,
-                             at::Tensor out) {
-  const PagedArgs pa = check_paged(k_t, &v, acc);
+                             at::Tensor out, bool amx) {
+  const PagedArgs pa = check_paged(k_t, &v, acc, amx);
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.device().is_cpu(),
               "query must be a CPU [R, Hq, D] tensor with contiguous rows");
   TORCH_CHECK(query.scalar_type() == k_t.scalar_type(), "query dtype must match the cache dtype");
@@ -612,6 +784,7 @@ static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, c
 
   const int64_t nitems = static_cast<int64_t>(items.size());
   const int QC = std::max(1, 16 / G);  // queries per row block (QC * G query-head rows)
+  const PageOps<T> po{pa.amx};
   int nt = num_threads_for(nitems);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t it = 0; it < nitems; ++it) {
@@ -639,7 +812,7 @@ static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, c
       }
       for (int pg = 0; pg < npg; ++pg) {
         const T* kp = kbase + static_cast<int64_t>(btr[pg]) * pa.sk0 + h * pa.sk1;
-        qk_page(qf, D, M, kp, bs, D, lg + static_cast<int64_t>(pg) * bs, ldl);
+        po.qk(qf, D, M, kp, bs, D, lg + static_cast<int64_t>(pg) * bs, ldl);
       }
       for (int r = 0; r < M; ++r) {
         const int qq = qa + r / G;
@@ -676,9 +849,9 @@ static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, c
 
 void window_scores(const at::Tensor& query, const at::Tensor& query_start, const at::Tensor& k_t,
                    const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& num_retained,
-                   const at::Tensor& weights, double scale, const at::Tensor& acc) {
+                   const at::Tensor& weights, double scale, const at::Tensor& acc, bool amx) {
   const c10::optional<at::Tensor> acc_opt(acc);
-  const PagedArgs pa = check_paged(k_t, nullptr, acc_opt);
+  const PagedArgs pa = check_paged(k_t, nullptr, acc_opt, amx);
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.device().is_cpu(),
               "query must be a CPU [T, Hq, D] tensor with contiguous rows");
   TORCH_CHECK(query.scalar_type() == k_t.scalar_type(), "query dtype must match the cache dtype");
@@ -749,6 +922,30 @@ static void compact_impl(const PagedArgs& pa, T* kbase, T* vbase, float* acc, co
     float* ab = grow(s.f0, static_cast<size_t>(n));
     int32_t* offs = grow(s.i0, static_cast<size_t>(n));  // in-page offsets
     for (int k = 0; k < n; ++k) offs[k] = static_cast<int32_t>(kr[k] % bs);
+    if (pa.amx) {  // "amx" pages: element by element through the packing (kb, vb: [n][D])
+      for (int k = 0; k < n; ++k) {
+        const int64_t blk = btr[os[i] + kr[k] / bs];
+        const T* kp = kbase + blk * pa.sk0 + h * pa.sk1;
+        const T* vp = vbase + blk * pa.sv0 + h * pa.sv1;
+        for (int d = 0; d < D; ++d) {
+          kb[static_cast<int64_t>(k) * D + d] = kp[amx_k_off(offs[k], d, D)];
+          vb[static_cast<int64_t>(k) * D + d] = vp[amx_v_off(offs[k], d, bs)];
+        }
+        if (acc != nullptr && nacc == nullptr) ab[k] = acc[blk * pa.sa0 + h * pa.sa1 + offs[k]];
+      }
+      for (int k = 0; k < n; ++k) {
+        const int64_t blk = btr[ns[i] + k / bs];
+        const int off = k % bs;
+        T* kp = kbase + blk * pa.sk0 + h * pa.sk1;
+        T* vp = vbase + blk * pa.sv0 + h * pa.sv1;
+        for (int d = 0; d < D; ++d) {
+          kp[amx_k_off(off, d, D)] = kb[static_cast<int64_t>(k) * D + d];
+          vp[amx_v_off(off, d, bs)] = vb[static_cast<int64_t>(k) * D + d];
+        }
+        if (acc != nullptr) acc[blk * pa.sa0 + h * pa.sa1 + off] = nacc ? nacc[i * snr + h * snh + k] : ab[k];
+      }
+      continue;
+    }
     // gather every kept slot first (the destination window overlaps the source one),
     // one source page at a time
     for (int k0 = 0; k0 < n;) {
@@ -796,8 +993,9 @@ static void compact_impl(const PagedArgs& pa, T* kbase, T* vbase, float* acc, co
 
 void compact_windows(const at::Tensor& k_t, const at::Tensor& v, const c10::optional<at::Tensor>& acc,
                      const at::Tensor& block_table, const at::Tensor& old_start, const at::Tensor& new_start,
-                     const at::Tensor& kept, const at::Tensor& keep, const c10::optional<at::Tensor>& new_acc) {
-  const PagedArgs pa = check_paged(k_t, &v, acc);
+                     const at::Tensor& kept, const at::Tensor& keep, const c10::optional<at::Tensor>& new_acc,
+                     bool amx) {
+  const PagedArgs pa = check_paged(k_t, &v, acc, amx);
   const int64_t R = keep.size(0);
   check_int_vec(keep, R, "keep", at::kLong);
   check_int_vec(old_start, R, "old_start", at::kLong);
@@ -874,13 +1072,13 @@ int64_t simd_width() {
 TORCH_LIBRARY(kvcompress, m) {
   m.def(
       "decode_attention_scores(Tensor query, Tensor k_t, Tensor v, Tensor block_table, Tensor seq_lens, "
-      "float scale, Tensor(a!)? acc, Tensor? weights, Tensor(b!) out) -> ()");
+      "float scale, Tensor(a!)? acc, Tensor? weights, Tensor(b!) out, bool amx=False) -> ()");
   m.def(
       "window_scores(Tensor query, Tensor query_start, Tensor k_t, Tensor block_table, Tensor seq_lens, "
-      "Tensor num_retained, Tensor weights, float scale, Tensor(a!) acc) -> ()");
+      "Tensor num_retained, Tensor weights, float scale, Tensor(a!) acc, bool amx=False) -> ()");
   m.def(
       "compact_windows(Tensor(a!) k_t, Tensor(b!) v, Tensor(c!)? acc, Tensor block_table, Tensor old_start, "
-      "Tensor new_start, Tensor kept, Tensor keep, Tensor? new_acc) -> ()");
+      "Tensor new_start, Tensor kept, Tensor keep, Tensor? new_acc, bool amx=False) -> ()");
   m.def("simd_width() -> int", &kvc::simd_width);
 }
 

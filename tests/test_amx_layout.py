@@ -75,3 +75,123 @@ def test_amx_reference_decode_matches_vec_pages():
         out = ops.decode_attention_scores_reference(q, layer.k_t, layer.v, bt, lens, d ** -0.5, acc, w)
         outs.append((out, acc))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# ---------------------------------------------------------------- the C++ kernels on "amx" pages
+
+ext = pytest.importorskip("vllm_kvcompress._ext")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)
+
+
+def _amx_and_vec_pages(nb, h, bs, d, lens, gen):
+    """The same random tokens written by vLLM into "amx" and "vec" pages: windows of
+    ``lens`` slots on distinct random blocks 1..; every other slot of those blocks stays
+    NaN (a kernel that reads past a window fails)."""
+    kv_amx = torch.full((nb, h, bs, 2 * d), float("nan"), dtype=torch.bfloat16)
+    kv_amx[0] = 0.0  # block 0 (vLLM's null block): the references gather padding from it
+    kv_vec = kv_amx.clone()
+    perm = (torch.randperm(nb - 1, generator=gen) + 1).tolist()
+    rows, slots = [], []
+    cols = max(-(-n // bs) for n in lens) + 1
+    for n in lens:
+        row = [perm.pop() for _ in range(-(-n // bs))]
+        rows.append(row + [0] * (cols - len(row)))
+        slots += [row[p // bs] * bs + p % bs for p in range(n)]
+    slots_t = torch.tensor(slots, dtype=torch.long)
+    key = torch.randn(len(slots), h, d, generator=gen).to(torch.bfloat16)
+    val = torch.randn(len(slots), h, d, generator=gen).to(torch.bfloat16)
+    for isa, kv in (("amx", kv_amx), ("vec", kv_vec)):
+        kh, vh = kv.view(nb, h, 2 * bs, d).chunk(2, dim=2)
+        vllm_ops.cpu_attn_reshape_and_cache(key, val, kh, vh, slots_t, isa, k_scale=1.0, v_scale=1.0,
+                                            kv_cache_dtype="auto")
+    halves = [kv.view(nb, h, 2 * bs, d).chunk(2, dim=2) for kv in (kv_amx, kv_vec)]
+    return (ops.paged_view(*halves[0], None, amx=True), ops.paged_view(*halves[1], None),
+            torch.tensor(rows, dtype=torch.int32), halves)
+
+
+CASES = [(1, 2, 32, 64), (3, 3, 32, 64), (4, 2, 64, 128), (2, 1, 32, 96)]  # (G, H, bs, D)
+
+
+@pytest.mark.skipif(not ext.available(), reason="C++ extension not built")
+@pytest.mark.parametrize("G,H,bs,D", CASES)
+def test_cpp_decode_and_window_on_amx_pages(G, H, bs, D):
+    gen = torch.Generator().manual_seed(G * 100 + bs + D)
+    lens = [1, 2, 15, 16, 17, bs - 1, bs, bs + 1, 2 * bs + 3, 3 * bs]
+    nb = sum(-(-n // bs) for n in lens) + 3
+    amx, vec, bt, _ = _amx_and_vec_pages(nb, H, bs, D, lens, gen)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    R = len(lens)
+    q = torch.randn(R, G * H, D, generator=gen).to(torch.bfloat16)
+    w = torch.rand(R, generator=gen)
+    acc0 = torch.rand(nb, H, bs, generator=gen)
+    acc_a, acc_v = acc0.clone(), acc0.clone()
+    out_a = ops.decode_attention_scores(q, amx.k_t, amx.v, bt, sl, D ** -0.5, acc_a, w, amx=True)
+    out_v = ops.decode_attention_scores_reference(q, vec.k_t, vec.v, bt, sl, D ** -0.5, acc_v, w)
+    torch.testing.assert_close(out_a.float(), out_v.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(acc_a, acc_v, rtol=1e-4, atol=1e-6)
+    # prefill-chunk scores: every request's last n_new slots are new, all queries weighted
+    n_new = [min(n, 5) for n in lens]
+    qs = torch.tensor([0] + list(torch.tensor(n_new).cumsum(0)), dtype=torch.int32)
+    nr = torch.tensor([n - k for n, k in zip(lens, n_new)], dtype=torch.int32)
+    qw = torch.randn(int(qs[-1]), G * H, D, generator=gen).to(torch.bfloat16)
+    wts = torch.rand(int(qs[-1]), generator=gen)
+    wts[::4] = 0.0  # unweighted queries are skipped
+    acc_a, acc_v = acc0.clone(), acc0.clone()
+    ops.window_scores(qw, qs, amx.k_t, bt, sl, nr, wts, D ** -0.5, acc_a, amx=True)
+    ops.window_scores_reference(qw, qs, vec.k_t, bt, sl, nr, wts, D ** -0.5, acc_v)
+    torch.testing.assert_close(acc_a, acc_v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not ext.available(), reason="C++ extension not built")
+@pytest.mark.parametrize("G,H,bs,D", CASES[:3])
+def test_cpp_compaction_on_amx_pages(G, H, bs, D):
+    """Keys, values and scores moved on "amx" pages land where the reference moves them on
+    "vec" pages, bit for bit (the windows overlap: new window = old start + 1 page)."""
+    gen = torch.Generator().manual_seed(7 + bs + D)
+    lens = [3 * bs + 5, 2 * bs, bs + 1]
+    nb = sum(-(-n // bs) for n in lens) + 3
+    amx, vec, bt, halves = _amx_and_vec_pages(nb, H, bs, D, lens, gen)
+    R = len(lens)
+    keep = torch.tensor([bs + 7, bs - 3, bs + 1], dtype=torch.long)
+    kept = torch.full((R, H, int(keep.max())), -1, dtype=torch.long)
+    for i, (n, k) in enumerate(zip(lens, keep.tolist())):
+        for h in range(H):
+            kept[i, h, :k] = torch.randperm(n, generator=gen)[:k].sort().values
+    old = torch.zeros(R, dtype=torch.long)
+    new = torch.tensor([1, 0, 0], dtype=torch.long)  # request 0 compacts into an overlapping window
+    acc0 = torch.rand(nb, H, bs, generator=gen)
+    acc_a, acc_v = acc0.clone(), acc0.clone()
+    ops.compact_windows(amx.k_t, amx.v, acc_a, bt, old, new, kept, keep, amx=True)
+    ops.compact_windows_reference(vec.k_t, vec.v, acc_v, bt, old, new, kept, keep)
+    got = ops.unpack_amx(*halves[0])
+    assert torch.equal(_bits(got.k_t), _bits(vec.k_t)) and torch.equal(_bits(got.v), _bits(vec.v))
+    assert torch.equal(acc_a, acc_v)
+    # the torch route of the same op on amx pages (unpack, compact, pack) agrees too
+    amx2, _, _, halves2 = _amx_and_vec_pages(nb, H, bs, D, lens, torch.Generator().manual_seed(7 + bs + D))
+    acc_r = acc0.clone()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "IMPL", "reference")
+        ops.compact_windows(amx2.k_t, amx2.v, acc_r, bt, old, new, kept, keep, amx=True)
+    assert torch.equal(_bits(halves2[0][0]), _bits(halves[0][0]))
+    assert torch.equal(_bits(halves2[0][1]), _bits(halves[0][1])) and torch.equal(acc_r, acc_a)
+
+
+def test_amx_switch_and_layout_check(monkeypatch):
+    """``VLLM_KVCOMPRESS_CPU_AMX`` takes 0/1 (one-line error otherwise), and the start-up
+    layout check accepts vLLM's amx pages through ``ops.unpack_amx``."""
+    from vllm_kvcompress.integration import attention_backend as ab
+
+    monkeypatch.delenv(ab.AMX_ENV, raising=False)
+    assert ab.amx_pages_enabled() is False
+    monkeypatch.setenv(ab.AMX_ENV, "1")
+    assert ab.amx_pages_enabled() is True
+    monkeypatch.setenv(ab.AMX_ENV, "yes")
+    with pytest.raises(ValueError, match="VLLM_KVCOMPRESS_CPU_AMX='yes': expected 0 or 1"):
+        ab.amx_pages_enabled()
+    kv = torch.zeros(2, 2, 32, 2 * 64, dtype=torch.bfloat16)
+    k_half, v_half = kv.view(2, 2, 64, 64).chunk(2, dim=2)
+    ab.check_layout(k_half, v_half, isa="amx")
+    ab.check_layout(k_half, v_half, isa="vec")

@@ -55,6 +55,9 @@ class PagedLayer:
     k_t: torch.Tensor  # [nb, H, D, bs] (transposed key pages)
     v: torch.Tensor  # [nb, H, bs, D]
     acc: torch.Tensor | None  # [nb, H, bs] float32
+    # vLLM's CPU "amx" packing inside each page (see unpack_amx): k_t / v are then the
+    # pages' memory only, and keys() / values() / put() do not apply
+    amx: bool = False
 
     @property
     def block_size(self) -> int:
@@ -80,11 +83,13 @@ class PagedLayer:
             self.acc.permute(0, 2, 1)[blk, off] = acc.T
 
 
-def paged_view(key_cache: torch.Tensor, value_cache: torch.Tensor, acc: torch.Tensor | None) -> PagedLayer:
-    """Views of vLLM CPU_ATTN "vec" halves ``[nb, H, bs, D]`` (the key half holds each
-    page transposed, so it is reinterpreted as ``[nb, H, D, bs]``)."""
+def paged_view(key_cache: torch.Tensor, value_cache: torch.Tensor, acc: torch.Tensor | None,
+               amx: bool = False) -> PagedLayer:
+    """Views of vLLM CPU_ATTN halves ``[nb, H, bs, D]``: "vec" pages (the key half holds
+    each page transposed, so it is reinterpreted as ``[nb, H, D, bs]``), or with ``amx``
+    the "amx" pages, passed to the kernels as the same shapes."""
     nb, h, bs, d = value_cache.shape
-    return PagedLayer(k_t=key_cache.view(nb, h, d, bs), v=value_cache, acc=acc)
+    return PagedLayer(k_t=key_cache.view(nb, h, d, bs), v=value_cache, acc=acc, amx=amx)
 
 
 # ---------------------------------------------------------------- vLLM's CPU "amx" pages
@@ -114,14 +119,22 @@ def amx_value_index(block_size: int, head_size: int) -> torch.Tensor:
     return (d // 16) * 16 * block_size + (t // 2) * 32 + (d % 16) * 2 + t % 2
 
 
-def unpack_amx(key_cache: torch.Tensor, value_cache: torch.Tensor) -> PagedLayer:
-    """A "vec"-layout copy (:class:`PagedLayer`, no scores) of "amx" halves ``[nb, H, bs, D]``."""
-    nb, h, bs, d = value_cache.shape
+def unpack_amx(key_cache: torch.Tensor, value_cache: torch.Tensor | None) -> PagedLayer:
+    """A "vec"-layout copy (:class:`PagedLayer`, no scores) of "amx" halves ``[nb, H, bs, D]``
+    (``value_cache`` None: keys only, ``v`` left empty)."""
+    nb, h, bs, d = key_cache.shape
     kf = key_cache.reshape(nb, h, bs * d)
-    vf = value_cache.reshape(nb, h, bs * d)
     keys = kf[:, :, amx_key_index(bs, d).flatten()].view(nb, h, bs, d)
-    values = vf[:, :, amx_value_index(bs, d).flatten()].view(nb, h, bs, d)
+    values = torch.empty(0)
+    if value_cache is not None:
+        values = value_cache.reshape(nb, h, bs * d)[:, :, amx_value_index(bs, d).flatten()].view(nb, h, bs, d)
     return PagedLayer(k_t=keys.transpose(2, 3).contiguous(), v=values.contiguous(), acc=None)
+
+
+def _amx_pages(k_t: torch.Tensor, v: torch.Tensor | None) -> PagedLayer:
+    """"vec" copies of the "amx" pages behind kernel views (k_t [nb, H, D, bs], v [nb, H, bs, D])."""
+    nb, h, d, bs = k_t.shape
+    return unpack_amx(k_t.view(nb, h, bs, d), v)
 
 
 def pack_amx(layer: PagedLayer, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
@@ -187,6 +200,11 @@ def triton_available() -> bool:
     except Exception:  # noqa: BLE001
         return False
     return True
+
+
+def _check_amx(amx: bool, impl: str) -> None:
+    if amx and impl == "triton":
+        raise ValueError("vLLM's CPU 'amx' pages are read by the C++ kernels and the torch reference only")
 
 
 def impl_for(device: torch.device | str) -> str:
@@ -270,7 +288,8 @@ def decode_attention_scores_reference(query: torch.Tensor, k_t: torch.Tensor, v:
 
 def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
                             seq_lens: torch.Tensor, scale: float, acc: torch.Tensor | None = None,
-                            weights: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                            weights: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                            amx: bool = False) -> torch.Tensor:
     """Paged decode attention fused with the step's score update.
 
     ``query`` [R, Hq, D] (one query per request: its window's LAST slot);
@@ -281,8 +300,15 @@ def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Ten
     given, sets for every window slot ``p``::
 
         acc[p] = (0 if p == seq_len-1 else acc[p]) + weights[i] * mean_g(probs[g, p])
+
+    ``amx``: the pages use vLLM's CPU "amx" packing (C++ kernels and the reference only).
     """
     impl = impl_for(query.device)
+    _check_amx(amx, impl)
+    if amx and impl != "cpp":
+        lay = _amx_pages(k_t, v)
+        return decode_attention_scores_reference(query, lay.k_t, lay.v, block_table, seq_lens, scale, acc, weights,
+                                                 out)
     if impl == "cpp":
         if out is None:
             out = torch.empty_like(query)
@@ -290,7 +316,7 @@ def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Ten
             else block_table.to(torch.int32).contiguous()
         w = None if weights is None else weights.to(torch.float32).contiguous()
         torch.ops.kvcompress.decode_attention_scores(query, k_t, v, bt, seq_lens.to(torch.int32).contiguous(),
-                                                     float(scale), acc, w, out)
+                                                     float(scale), acc, w, out, amx)
         return out
     if impl == "triton":
         from vllm_kvcompress.triton_kernels import decode_attention_scores as triton_decode
@@ -354,7 +380,7 @@ def window_scores_reference(query: torch.Tensor, query_start: torch.Tensor, k_t:
 
 def window_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Tensor, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, num_retained: torch.Tensor, weights: torch.Tensor, scale: float,
-                  acc: torch.Tensor) -> None:
+                  acc: torch.Tensor, amx: bool = False) -> None:
     """Batched :func:`accumulate_scores` (prefill chunks; any query count per request).
 
     ``query`` [T, Hq, D]; request ``i`` owns queries ``query_start[i] ..
@@ -363,16 +389,20 @@ def window_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Ten
     ``0 .. min(num_retained[i] + k, seq_lens[i]-1)`` (causal). ``weights``
     [T] float32. For every request: slots ``num_retained[i] .. seq_lens[i]-1``
     start at 0, then ``acc[p] += sum_q w_q * mean_g(probs[q, g, p])`` over its
-    queries with ``w_q > 0``. ``block_table`` holds shifted rows.
+    queries with ``w_q > 0``. ``block_table`` holds shifted rows. ``amx`` as in
+    :func:`decode_attention_scores`.
     """
     impl = impl_for(query.device)
+    _check_amx(amx, impl)
+    if amx and impl != "cpp":
+        k_t = _amx_pages(k_t, None).k_t
     if impl == "cpp":
         bt = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 \
             else block_table.to(torch.int32).contiguous()
         i32 = torch.int32
         torch.ops.kvcompress.window_scores(query, query_start.to(i32).contiguous(), k_t, bt,
                                            seq_lens.to(i32).contiguous(), num_retained.to(i32).contiguous(),
-                                           weights.to(torch.float32).contiguous(), float(scale), acc)
+                                           weights.to(torch.float32).contiguous(), float(scale), acc, amx)
         return
     if impl == "triton":
         from vllm_kvcompress.triton_kernels import window_scores as triton_window
@@ -416,15 +446,23 @@ def compact_windows_reference(k_t: torch.Tensor, v: torch.Tensor, acc: torch.Ten
 
 def compact_windows(k_t: torch.Tensor, v: torch.Tensor, acc: torch.Tensor | None, block_table: torch.Tensor,
                     old_start: torch.Tensor, new_start: torch.Tensor, kept: torch.Tensor, keep: torch.Tensor,
-                    new_acc: torch.Tensor | None = None) -> None:
+                    new_acc: torch.Tensor | None = None, amx: bool = False) -> None:
     """Move, per request ``i`` and KV head ``h``, window slots ``kept[i, h, :keep[i]]``
     (ascending; a negative entry is padding and ends the row) of the window at entry
     ``old_start[i]`` to slots ``0 .. keep[i]-1`` of the window at entry
     ``new_start[i]`` — keys, values and scores. ``block_table`` holds UNshifted
     rows; the windows may overlap. Scores written: ``new_acc[i, h, k]`` when
-    given (``compress_step``'s output), else the moved ``acc`` values.
+    given (``compress_step``'s output), else the moved ``acc`` values. ``amx`` as in
+    :func:`decode_attention_scores`.
     """
     impl = impl_for(k_t.device)
+    _check_amx(amx, impl)
+    if amx and impl != "cpp":
+        lay = _amx_pages(k_t, v)
+        compact_windows_reference(lay.k_t, lay.v, acc, block_table, old_start, new_start, kept, keep, new_acc)
+        nb, h, d, bs = k_t.shape
+        pack_amx(lay, k_t.view(nb, h, bs, d), v)
+        return
     if impl == "cpp":
         bt = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 \
             else block_table.to(torch.int32).contiguous()
@@ -436,7 +474,7 @@ def compact_windows(k_t: torch.Tensor, v: torch.Tensor, acc: torch.Tensor | None
         if kp.stride(-1) != 1:
             kp = kp.contiguous()
         torch.ops.kvcompress.compact_windows(k_t, v, acc, bt, old_start.to(i64).contiguous(),
-                                             new_start.to(i64).contiguous(), kp, keep.to(i64).contiguous(), na)
+                                             new_start.to(i64).contiguous(), kp, keep.to(i64).contiguous(), na, amx)
         return
     if impl == "triton":
         from vllm_kvcompress.triton_kernels import compact_windows as triton_compact

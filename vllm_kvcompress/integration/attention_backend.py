@@ -36,6 +36,10 @@ from vllm_kvcompress.integration.step_plan import CompressedBuilderMixin, Compre
 
 #: which backend class serves vLLM's CPU engine: "cpu" (default) or "triton"
 BACKEND_ENV = "VLLM_KVCOMPRESS_BACKEND"
+#: "1": compressed layers keep vLLM's "amx" pages where vLLM picks them (CPUs with AMX
+#: tiles, bf16, block size % 32 == 0) and the C++ kernels read that packing; default
+#: "0" moves them to "vec" pages. Experimental: never run on an AMX machine yet.
+AMX_ENV = "VLLM_KVCOMPRESS_CPU_AMX"
 TRITON_BACKEND_PATH = "vllm_kvcompress.integration.attention_triton.KVCompressTritonBackend"
 TRITON_ON_CPU_PATH = "vllm_kvcompress.integration.attention_triton.KVCompressTritonOnCPUBackend"
 
@@ -46,8 +50,8 @@ class KVCompressMetadataBuilder(CompressedBuilderMixin, CPUAttentionMetadataBuil
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_compression(kv_cache_spec)
-        # keep the page layout the C++ kernels read ("amx" packing: ops.unpack_amx, tests/test_amx_layout.py)
-        if self.compressed and self.isa == "amx":
+        # "vec" pages unless VLLM_KVCOMPRESS_CPU_AMX=1 ("amx" packing: ops.unpack_amx, tests/test_amx_layout.py)
+        if self.compressed and self.isa == "amx" and not amx_pages_enabled():
             self.isa = "vec"
             self._set_isa_to_layers(layer_names)
 
@@ -55,9 +59,9 @@ class KVCompressMetadataBuilder(CompressedBuilderMixin, CPUAttentionMetadataBuil
 class KVCompressCPUImpl(CompressedImplMixin, CPUAttentionBackendImpl):
     """vLLM's CPU attention + compression (hooks of ``CompressedImplMixin``)."""
 
-    def _views(self, kv_cache: torch.Tensor) -> ops.PagedLayer:
+    def _views(self, kv_cache: torch.Tensor, layer=None) -> ops.PagedLayer:
         key_cache, value_cache = _halves(kv_cache)
-        return ops.paged_view(key_cache, value_cache, None)
+        return ops.paged_view(key_cache, value_cache, None, amx=getattr(layer, "isa", "vec") == "amx")
 
     def _write_kv(self, layer, key, value, kv_cache, slot_mapping) -> None:
         key_cache, value_cache = _halves(kv_cache)
@@ -70,7 +74,7 @@ class KVCompressCPUImpl(CompressedImplMixin, CPUAttentionBackendImpl):
                                                output_block_scale)
 
     def _check_layout(self, kv_cache: torch.Tensor, paged: ops.PagedLayer) -> None:
-        check_layout(*_halves(kv_cache))
+        check_layout(*_halves(kv_cache), isa="amx" if paged.amx else "vec")
 
 
 def _halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +82,18 @@ def _halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
 
 
-def check_layout(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
-    """Write known keys/values with vLLM's own CPU cache-write op ("vec" ISA) and
-    read them back through ``ops.paged_view``; refuse to run on a layout we do not know."""
+def amx_pages_enabled() -> bool:
+    """``VLLM_KVCOMPRESS_CPU_AMX``: "1" keeps vLLM's "amx" pages for compressed layers."""
+    choice = os.environ.get(AMX_ENV, "0").strip() or "0"
+    if choice not in ("0", "1"):
+        raise ValueError(f"{AMX_ENV}={choice!r}: expected 0 or 1")
+    return choice == "1"
+
+
+def check_layout(key_cache: torch.Tensor, value_cache: torch.Tensor, isa: str = "vec") -> None:
+    """Write known keys/values with vLLM's own CPU cache-write op (``isa`` "vec" or
+    "amx") and read them back through ``ops.paged_view`` / ``ops.unpack_amx``; refuse
+    to run on a layout we do not know."""
     _, h, bs, d = value_cache.shape
     kc = torch.zeros(2, h, 2 * bs, d, dtype=value_cache.dtype)
     k_half, v_half = kc.chunk(2, dim=2)
@@ -88,13 +101,13 @@ def check_layout(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     key = torch.randn(t, h, d).to(value_cache.dtype)
     val = torch.randn(t, h, d).to(value_cache.dtype)
     slots = torch.tensor([0, bs - 1, bs + 1], dtype=torch.long)
-    vllm_ops.cpu_attn_reshape_and_cache(key, val, k_half, v_half, slots, "vec", k_scale=1.0, v_scale=1.0,
+    vllm_ops.cpu_attn_reshape_and_cache(key, val, k_half, v_half, slots, isa, k_scale=1.0, v_scale=1.0,
                                         kv_cache_dtype="auto")
-    view = ops.paged_view(k_half, v_half, None)
+    view = ops.unpack_amx(k_half, v_half) if isa == "amx" else ops.paged_view(k_half, v_half, None)
     blk, off = slots // bs, slots % bs
     if not (torch.equal(view.keys(blk, off), key) and torch.equal(view.values(blk, off), val)):
-        raise RuntimeError("vllm-kvcompress: the CPU attention KV-cache layout is not the one this release "
-                           "was built for (vLLM 0.32 'vec' pages); refusing to run compressed layers")
+        raise RuntimeError(f"vllm-kvcompress: the CPU attention KV-cache layout ('{isa}' pages) is not the one "
+                           "this release was built for (vLLM 0.32); refusing to run compressed layers")
 
 
 class KVCompressCPUBackend(CPUAttentionBackend):

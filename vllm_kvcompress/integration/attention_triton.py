@@ -65,7 +65,7 @@ class KVCompressTritonImpl(CompressedImplMixin, TritonAttentionImpl):
     def _halves(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # [nb, bs, H, D] each
 
-    def _views(self, kv_cache: torch.Tensor) -> ops.PagedLayer:
+    def _views(self, kv_cache: torch.Tensor, layer=None) -> ops.PagedLayer:
         key_cache, value_cache = self._halves(kv_cache)
         return paged_views(key_cache, value_cache)
 

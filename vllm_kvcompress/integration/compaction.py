@@ -60,5 +60,5 @@ def compact_requests(layer: PagedLayer, policy: BasePolicy, block_table: torch.T
         kept, new_acc = compress_step(policy, scores, keep, budget, valid_len=count)
     with step_costs.timed("compaction", dev):
         ops.compact_windows(layer.k_t, layer.v, layer.acc, block_table, old_start, new_start, kept,
-                            torch.minimum(keep, count), new_acc if layer.acc is not None else None)
+                            torch.minimum(keep, count), new_acc if layer.acc is not None else None, amx=layer.amx)
     return kept

@@ -228,7 +228,7 @@ class CompressedBuilderMixin:
 class CompressedImplMixin:
     """Mixed in front of a vLLM ``AttentionImpl``. A backend implements:
 
-    * ``_views(kv_cache) -> ops.PagedLayer`` (``acc`` None): its cache as
+    * ``_views(kv_cache, layer) -> ops.PagedLayer`` (``acc`` None): its cache as
       ``k_t [nb, H, D, bs]`` / ``v [nb, H, bs, D]`` views;
     * ``_write_kv(layer, key, value, kv_cache, slot_mapping)``: vLLM's cache write;
     * ``_attend(layer, query, key, value, kv_cache, md, output, ...)``: vLLM's
@@ -254,7 +254,7 @@ class CompressedImplMixin:
         n_tok = plan.num_tokens if plan is not None else attn_metadata.num_actual_tokens
         with step_costs.timed("cache_write", query.device):
             self._write_kv(layer, key[:n_tok], value[:n_tok], kv_cache, attn_metadata.slot_mapping[:n_tok])
-        paged = self._views(kv_cache)
+        paged = self._views(kv_cache, layer)
         if plan is not None and self._can_fuse(plan, n_tok, query.device):
             # pure decode step: attention and the score update in one pass over the window
             if plan.weights is not None:
@@ -265,7 +265,8 @@ class CompressedImplMixin:
                 ops.decode_attention_scores(query[:r].view(r, self.num_heads, self.head_size), paged.k_t, paged.v,
                                             attn_metadata.block_table, attn_metadata.seq_lens, self.scale,
                                             self._acc if weights is not None else None, weights,
-                                            out=output[:r].view(r, self.num_heads, self.head_size))
+                                            out=output[:r].view(r, self.num_heads, self.head_size),
+                                            amx=paged.amx)
             plan.scored = True
         else:
             with step_costs.timed("attention" if plan is not None else "attention_plain", query.device):
@@ -302,7 +303,7 @@ class CompressedImplMixin:
             type(self)._layout_checked = True
         if plan.policy.needs_attention:
             self._ensure_acc(paged)
-        layer = ops.PagedLayer(k_t=paged.k_t, v=paged.v, acc=self._acc)
+        layer = ops.PagedLayer(k_t=paged.k_t, v=paged.v, acc=self._acc, amx=paged.amx)
         dev = query.device
         if plan.weights is not None and not plan.scored:
             t = plan.num_tokens
@@ -311,7 +312,8 @@ class CompressedImplMixin:
             with step_costs.timed("scoring", dev):
                 ops.window_scores(query[:t].view(t, self.num_heads, self.head_size),
                                   torch.from_numpy(plan.query_start), layer.k_t, md.block_table, md.seq_lens,
-                                  torch.from_numpy(plan.retained), plan.weights, self.scale, self._acc)
+                                  torch.from_numpy(plan.retained), plan.weights, self.scale, self._acc,
+                                  amx=layer.amx)
         if plan.drop is not None and plan.drop.shrinks_after(self._layer_index(attn_layer)):
             with step_costs.timed("selection", dev):
                 plan.drop.select(self._layer_index(attn_layer), plan, layer)  # before compaction moves the scores
