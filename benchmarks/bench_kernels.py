@@ -14,9 +14,14 @@ Timed per step over all layers (min and median of --reps steps):
   ``window_scores`` (scoring those 32 queries against the window), and
   ``compact_windows`` moving 3/4 of every request's window (every layer)
 
+With ``--amx`` the same steps also run on vLLM's CPU "amx" pages (the same values
+packed by ``ops.pack_amx``; ``VLLM_KVCOMPRESS_CPU_AMX=1`` in the engine), as extra
+rows beside the "vec" ones; vLLM's own attention runs its "amx" ISA too where the CPU
+has AMX tiles (without them it would die of SIGILL, so it stays on "vec").
+
 Usage::
 
-    python benchmarks/bench_kernels.py [--threads 1] [--reqs 16] [--len 500] [--layers 30]
+    python benchmarks/bench_kernels.py [--threads 1] [--reqs 16] [--len 500] [--layers 30] [--amx]
 
 Not a test: prints a table. Timings on a shared machine are noisy: use
 --threads 1 when other jobs run.
@@ -55,7 +60,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--amx", action="store_true", help='also time our kernels on "amx" pages (bf16, bs % 32 == 0)')
     args = ap.parse_args()
+    if args.amx and (args.dtype != "bfloat16" or args.block_size % 32 or args.head_size % 32):
+        ap.error("--amx needs --dtype bfloat16, --block-size a multiple of 32 and --head-size a multiple of 32")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,6 +91,14 @@ def main() -> None:
     accs = [torch.rand(nb, H, bs) for _ in range(NL)]
     views = [c.chunk(2, dim=2) for c in caches]
     layers = [ops.paged_view(k, v, a) for (k, v), a in zip(views, accs)]
+    amx_layers = []
+    if args.amx:  # the same values in "amx" pages (own copies of the caches)
+        for lay, a in zip(layers, accs):
+            k_amx = torch.empty(nb, H, bs, D, dtype=dt)
+            v_amx = torch.empty(nb, H, bs, D, dtype=dt)
+            ops.pack_amx(lay, k_amx, v_amx)
+            amx_layers.append(ops.paged_view(k_amx, v_amx, a.clone(), amx=True))
+    vllm_amx = bool(args.amx and torch.cpu._is_amx_tile_supported())
     q = torch.randn(R, Hq, D).to(dt)
     w = torch.ones(R)
     out = torch.empty(R, Hq, D, dtype=dt)
@@ -95,10 +111,11 @@ def main() -> None:
 
         md = vops.cpu_attn_get_scheduler_metadata(
             num_reqs=R, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=lens, dtype=dt, query_start_loc=qsl,
-            causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False)
+            causal=True, sliding_window_size=-1, isa="amx" if vllm_amx else "vec", enable_kv_split=False)
+        vllm_views = [(lay.k_t.view(nb, H, bs, D), lay.v) for lay in amx_layers] if vllm_amx else views
 
         def vllm_step():
-            for k, v in views:
+            for k, v in vllm_views:
                 vops.cpu_attention_with_kv_cache(
                     query=q, key_cache=k, value_cache=v, output=out, query_start_loc=qsl, seq_lens=lens, scale=scale,
                     causal=True, alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0,
@@ -125,6 +142,17 @@ def main() -> None:
         print(f"max |ours - vLLM| on the last layer's output: {err:.2e}")
     rows.append(("kvc fused (C++)", *_timeit(fused_step, args.reps)))
     rows.append(("kvc attn only (C++)", *_timeit(attn_step, args.reps)))
+    if amx_layers:
+        def fused_amx():
+            for lay in amx_layers:
+                ops.decode_attention_scores(q, lay.k_t, lay.v, bt, lens, scale, lay.acc, w, out, amx=True)
+
+        def attn_amx():
+            for lay in amx_layers:
+                ops.decode_attention_scores(q, lay.k_t, lay.v, bt, lens, scale, None, None, out, amx=True)
+
+        rows.append(("kvc fused (C++, amx pages)", *_timeit(fused_amx, args.reps)))
+        rows.append(("kvc attn only (C++, amx pages)", *_timeit(attn_amx, args.reps)))
 
     def ref_step():
         for lay in layers:
@@ -164,6 +192,12 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001
         print(f"(vLLM prefill attention unavailable: {type(exc).__name__}: {exc})")
     rows.append((f"window_scores ({n_new} q/req)", *_timeit(window_step, max(3, args.reps // 2))))
+    if amx_layers:
+        def window_amx():
+            for lay in amx_layers:
+                ops.window_scores(qq, qs, lay.k_t, bt, lens, nr, ww, scale, lay.acc, amx=True)
+
+        rows.append((f"window_scores ({n_new} q, amx pages)", *_timeit(window_amx, max(3, args.reps // 2))))
 
     keep = (lens.long() * 3) // 4
     kmax = int(keep.max())
@@ -178,15 +212,22 @@ def main() -> None:
             ops.compact_windows(lay.k_t, lay.v, lay.acc, bt, zeros, zeros, kept, keep)
 
     rows.append(("compact_windows (3/4 kept)", *_timeit(compact_step, max(3, args.reps // 2))))
+    if amx_layers:
+        def compact_amx():
+            for lay in amx_layers:
+                ops.compact_windows(lay.k_t, lay.v, lay.acc, bt, zeros, zeros, kept, keep, amx=True)
+
+        rows.append(("compact_windows (amx pages)", *_timeit(compact_amx, max(3, args.reps // 2))))
 
     print(f"\ndecode step: {R} requests x ~{args.len} slots (mean {lens.float().mean():.0f}) x {NL} layers, "
           f"H_kv={H} Hq={Hq} D={D} {args.dtype} bs={bs}, torch threads={torch.get_num_threads()}, "
-          f"ops impl={ops.impl_for('cpu')}, extension load/build {t_build:.1f} s")
+          f"ops impl={ops.impl_for('cpu')}, extension load/build {t_build:.1f} s, "
+          f"vLLM attention ISA {'amx' if vllm_amx else 'vec'}")
     base = rows[0][1] if rows and rows[0][0] == "vllm attention" else None
-    print(f"{'':28s} {'min ms':>9s} {'median ms':>10s} {'min/vllm':>9s}")
+    print(f"{'':34s} {'min ms':>9s} {'median ms':>10s} {'min/vllm':>9s}")
     for name, mn, med in rows:
         rel = f"{mn / base:8.2f}x" if base else ""
-        print(f"{name:28s} {mn:9.2f} {med:10.2f} {rel:>9s}")
+        print(f"{name:34s} {mn:9.2f} {med:10.2f} {rel:>9s}")
 
 
 if __name__ == "__main__":

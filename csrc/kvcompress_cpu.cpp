@@ -922,25 +922,32 @@ static void compact_impl(const PagedArgs& pa, T* kbase, T* vbase, float* acc, co
     float* ab = grow(s.f0, static_cast<size_t>(n));
     int32_t* offs = grow(s.i0, static_cast<size_t>(n));  // in-page offsets
     for (int k = 0; k < n; ++k) offs[k] = static_cast<int32_t>(kr[k] % bs);
-    if (pa.amx) {  // "amx" pages: element by element through the packing (kb, vb: [n][D])
+    if (pa.amx) {  // "amx" pages through the packing (kb, vb: [n][D]); a key's dim pair is one
+                   // 32-bit word (D/2 word moves per token), a value is half a word
       for (int k = 0; k < n; ++k) {
         const int64_t blk = btr[os[i] + kr[k] / bs];
-        const T* kp = kbase + blk * pa.sk0 + h * pa.sk1;
+        const T* kp = kbase + blk * pa.sk0 + h * pa.sk1 + amx_k_off(offs[k], 0, D);
         const T* vp = vbase + blk * pa.sv0 + h * pa.sv1;
-        for (int d = 0; d < D; ++d) {
-          kb[static_cast<int64_t>(k) * D + d] = kp[amx_k_off(offs[k], d, D)];
-          vb[static_cast<int64_t>(k) * D + d] = vp[amx_v_off(offs[k], d, bs)];
+        T* kd = kb + static_cast<int64_t>(k) * D;
+        for (int j = 0; j < D / 2; ++j) std::memcpy(kd + 2 * j, kp + static_cast<int64_t>(j) * 32, 2 * sizeof(T));
+        T* vd = vb + static_cast<int64_t>(k) * D;
+        for (int d0 = 0; d0 < D; d0 += 16) {  // one 16-dim group: every other element of a 64-byte row
+          const T* src = vp + amx_v_off(offs[k], d0, bs);
+          for (int e = 0; e < 16; ++e) vd[d0 + e] = src[2 * e];
         }
         if (acc != nullptr && nacc == nullptr) ab[k] = acc[blk * pa.sa0 + h * pa.sa1 + offs[k]];
       }
       for (int k = 0; k < n; ++k) {
         const int64_t blk = btr[ns[i] + k / bs];
         const int off = k % bs;
-        T* kp = kbase + blk * pa.sk0 + h * pa.sk1;
+        T* kp = kbase + blk * pa.sk0 + h * pa.sk1 + amx_k_off(off, 0, D);
         T* vp = vbase + blk * pa.sv0 + h * pa.sv1;
-        for (int d = 0; d < D; ++d) {
-          kp[amx_k_off(off, d, D)] = kb[static_cast<int64_t>(k) * D + d];
-          vp[amx_v_off(off, d, bs)] = vb[static_cast<int64_t>(k) * D + d];
+        const T* kd = kb + static_cast<int64_t>(k) * D;
+        for (int j = 0; j < D / 2; ++j) std::memcpy(kp + static_cast<int64_t>(j) * 32, kd + 2 * j, 2 * sizeof(T));
+        const T* vd = vb + static_cast<int64_t>(k) * D;
+        for (int d0 = 0; d0 < D; d0 += 16) {
+          T* dst = vp + amx_v_off(off, d0, bs);
+          for (int e = 0; e < 16; ++e) dst[2 * e] = vd[d0 + e];
         }
         if (acc != nullptr) acc[blk * pa.sa0 + h * pa.sa1 + off] = nacc ? nacc[i * snr + h * snh + k] : ab[k];
       }
