@@ -15,6 +15,14 @@ of at most 64 tokens) runs one scripted batch, greedy:
 
 It writes every request's generated token ids and, after every engine step, the
 true token positions each running request retains per layer and KV head.
+
+``KVC_PARITY_PAGES=vec|amx`` (tests/test_amx_layout.py) runs the C++ backend in
+bfloat16 on vLLM's "vec" or "amx" page layout instead. "amx" makes vLLM's builder
+pick that ISA (``cpu_attn._get_attn_isa``) with ``VLLM_KVCOMPRESS_CPU_AMX=1``, so
+vLLM's own amx cache write and our kernels on amx pages run; vLLM's amx attention
+needs AMX tiles (SIGILL without), so in both modes the attention of prefill and mixed
+steps is a torch reference reading the pages through ``ops`` (the same math on both
+layouts; decode steps run our fused kernel, as in serving).
 """
 
 from __future__ import annotations
@@ -30,6 +38,52 @@ os.environ["VLLM_KVCOMPRESS_TRACK_POSITIONS"] = "1"
 
 N_OUT = 24
 BUDGET = 96
+PAGES = os.environ.get("KVC_PARITY_PAGES", "")
+if PAGES == "amx":
+    os.environ["VLLM_KVCOMPRESS_CPU_AMX"] = "1"
+
+
+def _torch_attend(self, layer, query, key, value, kv_cache, md, output, *args):
+    """Causal attention of the step's queries over each request's window, read from the
+    pages through ``ops`` ("vec" views or unpacked "amx" pages), float32 math."""
+    import torch
+
+    from vllm_kvcompress import ops
+    from vllm_kvcompress.integration.attention_backend import _halves
+
+    if md is None:  # profiling run
+        return output
+    key_cache, value_cache = _halves(kv_cache)
+    amx = getattr(layer, "isa", "vec") == "amx"
+    pages = ops.unpack_amx(key_cache, value_cache) if amx else ops.paged_view(key_cache, value_cache, None)
+    bs = value_cache.shape[2]
+    g = self.num_heads // self.num_kv_heads
+    qsl, sl = md.query_start_loc.tolist(), md.seq_lens.tolist()
+    for i, length in enumerate(sl):
+        q0, q1 = qsl[i], qsl[i + 1]
+        n = q1 - q0
+        if n == 0:
+            continue
+        blk, off = ops.window_slots(md.block_table[i], 0, length, bs)
+        k = pages.keys(blk, off).float().repeat_interleave(g, dim=1)  # [L, Hq, D]
+        v = pages.values(blk, off).float().repeat_interleave(g, dim=1)
+        q = query[q0:q1].view(n, self.num_heads, self.head_size).float()
+        logits = torch.einsum("nhd,lhd->hnl", q, k) * self.scale
+        visible = torch.arange(length)[None, :] <= (length - n + torch.arange(n))[:, None]  # [n, L]
+        probs = torch.softmax(logits.masked_fill(~visible[None], float("-inf")), dim=-1)
+        out = torch.einsum("hnl,lhd->nhd", probs, v)
+        output[q0:q1].copy_(out.reshape(output[q0:q1].shape).to(output.dtype))
+    return output
+
+
+def _patch_for_pages() -> None:
+    from vllm.v1.attention.backends import cpu_attn
+
+    from vllm_kvcompress.integration import attention_backend
+
+    attention_backend.KVCompressCPUImpl._attend = _torch_attend
+    if PAGES == "amx":
+        cpu_attn._get_attn_isa = lambda *a, **k: "amx"
 
 
 def _prompts(tok) -> dict[str, list[int]]:
@@ -78,7 +132,10 @@ def run(model_dir: str, policy: str) -> dict:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = _prompts(tok)
-    llm = LLM(model_dir, dtype="float32", enforce_eager=True, seed=0, block_size=32, max_model_len=512,
+    if PAGES:
+        _patch_for_pages()
+    llm = LLM(model_dir, dtype="bfloat16" if PAGES else "float32", enforce_eager=True, seed=0, block_size=32,
+              max_model_len=512,
               max_num_batched_tokens=64, kv_cache_memory_bytes=32 << 20,
               additional_config={"kv_compress": {"policy": policy, "budget": BUDGET}})
     eng = llm.llm_engine
@@ -106,8 +163,9 @@ def run(model_dir: str, policy: str) -> dict:
 
     ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
     impls = sorted({type(m.impl).__name__ for m in ctx.values() if hasattr(m, "impl")})
+    isas = sorted({str(getattr(m, "isa", None)) for m in ctx.values() if hasattr(m, "impl")})
     llm.llm_engine.engine_core.shutdown()
-    return {"tokens": tokens, "positions": steps, "impl": impls, "ops": ops.impl_for("cpu")}
+    return {"tokens": tokens, "positions": steps, "impl": impls, "ops": ops.impl_for("cpu"), "isa": isas}
 
 
 def main() -> None:

@@ -195,3 +195,54 @@ def test_amx_switch_and_layout_check(monkeypatch):
     k_half, v_half = kv.view(2, 2, 64, 64).chunk(2, dim=2)
     ab.check_layout(k_half, v_half, isa="amx")
     ab.check_layout(k_half, v_half, isa="vec")
+
+
+# ---------------------------------------------------------------- inside vLLM's engine
+
+ENGINE_POLICIES = "h2o,pyramid"
+
+
+@pytest.fixture(scope="module")
+def page_parity(cut_model_dir, tmp_path_factory):
+    """``backend_parity_worker.py`` twice, bf16: vLLM's "vec" pages and its "amx" pages
+    (vLLM's builder made to pick "amx"; ``VLLM_KVCOMPRESS_CPU_AMX=1``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("backend_parity_worker.py")
+    tmp = tmp_path_factory.mktemp("pages")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_KVCOMPRESS_", "KVC_PARITY"))}
+    procs = {}
+    for pages in ("vec", "amx"):
+        env = dict(base, KVC_PARITY_PAGES=pages, VLLM_KVCOMPRESS_OPS="cpp")
+        procs[pages] = subprocess.Popen([sys.executable, str(worker), cut_model_dir, str(tmp / f"{pages}.json"),
+                                         ENGINE_POLICIES], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+    results = {}
+    for pages, proc in procs.items():
+        out, _ = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, f"{pages} engine run failed:\n{out[-4000:]}"
+        results[pages] = json.loads((tmp / f"{pages}.json").read_text())
+    return results
+
+
+@pytest.mark.skipif(not ext.available(), reason="C++ extension not built")
+@pytest.mark.parametrize("policy", ENGINE_POLICIES.split(","))
+def test_engine_on_amx_pages_matches_vec_pages(page_parity, policy):
+    """The whole compressed path on "amx" pages inside vLLM's engine (vLLM's amx cache
+    write, our fused decode, window scores and compaction on amx pages) generates the
+    same tokens and retains the same positions after every step as on "vec" pages:
+    the kernels' arithmetic is the same on both layouts, in the same order."""
+    vec, amx = page_parity["vec"][policy], page_parity["amx"][policy]
+    assert vec["isa"] == ["vec"] and amx["isa"] == ["amx"], (vec["isa"], amx["isa"])
+    assert sorted(vec["tokens"]) == ["a", "late", "long", "own"]
+    assert amx["tokens"] == vec["tokens"]
+    assert len(amx["positions"]) == len(vec["positions"])
+    evicting = 0
+    for step, (a, b) in enumerate(zip(vec["positions"], amx["positions"])):
+        assert b == a, f"step {step}"
+        evicting += sum(len(p[0]) < max(p[0], default=-1) + 1 for p in a.values())
+    assert evicting > 0
