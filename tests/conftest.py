@@ -151,3 +151,27 @@ def run_interpreted(test_file: str, keyword: str, child_env: str, timeout: int =
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert " passed" in last and "skipped" not in last, proc.stdout[-2000:]
+
+
+def run_parity_workers(model_dir: str, out_dir, policies: str, runs: dict[str, dict], timeout: int = 1800) -> dict:
+    """``tests/backend_parity_worker.py`` once per entry of ``runs`` (name -> extra
+    environment), side by side, each from an environment without the plugin's and the
+    worker's switches; returns name -> the worker's JSON (asserts every run succeeded)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("backend_parity_worker.py")
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("VLLM_KVCOMPRESS_", "TRITON_INTERPRET", "KVC_PARITY"))}
+    procs = {name: subprocess.Popen([sys.executable, str(worker), model_dir, str(Path(out_dir) / f"{name}.json"),
+                                     policies], env=dict(base, **env), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+             for name, env in runs.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"{name} engine run failed:\n{out[-4000:]}"
+        results[name] = json.loads((Path(out_dir) / f"{name}.json").read_text())
+    return results

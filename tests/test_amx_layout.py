@@ -12,6 +12,7 @@ import platform
 
 import pytest
 import torch
+from conftest import run_parity_workers
 
 from vllm_kvcompress import ops
 
@@ -206,27 +207,8 @@ ENGINE_POLICIES = "h2o,pyramid"
 def page_parity(cut_model_dir, tmp_path_factory):
     """``backend_parity_worker.py`` twice, bf16: vLLM's "vec" pages and its "amx" pages
     (vLLM's builder made to pick "amx"; ``VLLM_KVCOMPRESS_CPU_AMX=1``)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    worker = Path(__file__).with_name("backend_parity_worker.py")
-    tmp = tmp_path_factory.mktemp("pages")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_KVCOMPRESS_", "KVC_PARITY"))}
-    procs = {}
-    for pages in ("vec", "amx"):
-        env = dict(base, KVC_PARITY_PAGES=pages, VLLM_KVCOMPRESS_OPS="cpp")
-        procs[pages] = subprocess.Popen([sys.executable, str(worker), cut_model_dir, str(tmp / f"{pages}.json"),
-                                         ENGINE_POLICIES], env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
-    results = {}
-    for pages, proc in procs.items():
-        out, _ = proc.communicate(timeout=1200)
-        assert proc.returncode == 0, f"{pages} engine run failed:\n{out[-4000:]}"
-        results[pages] = json.loads((tmp / f"{pages}.json").read_text())
-    return results
+    runs = {pages: {"KVC_PARITY_PAGES": pages, "VLLM_KVCOMPRESS_OPS": "cpp"} for pages in ("vec", "amx")}
+    return run_parity_workers(cut_model_dir, tmp_path_factory.mktemp("pages"), ENGINE_POLICIES, runs, timeout=1200)
 
 
 @pytest.mark.skipif(not ext.available(), reason="C++ extension not built")

@@ -438,9 +438,9 @@ def test_splits_cover_the_window_once(programs, capacity, tile, target):
     """The split-K plan of the Triton decode kernel: whole tiles, every slot up to the
     capacity in exactly one split, no split wholly past the capacity, at least one split."""
     pytest.importorskip("triton")
-    from vllm_kvcompress.triton_kernels.kernels import decode_splits
+    from vllm_kvcompress.triton_kernels.kernels import key_splits
 
-    ns, per = decode_splits(programs, capacity, tile=tile, target=target)
+    ns, per = key_splits(programs, capacity, tile=tile, target=target)
     tiles = max(1, -(-capacity // tile))
     assert ns >= 1 and per % tile == 0 and per > 0
     assert ns * per >= tiles * tile, "slots left uncovered"

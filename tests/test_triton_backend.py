@@ -13,40 +13,19 @@ Compiled-GPU behaviour, bf16, CUDA graphs and async scheduling are not covered h
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import run_parity_workers
 
 pytest.importorskip("triton")
 
 POLICIES = "h2o,pyramid,snapkv"
-WORKER = Path(__file__).with_name("backend_parity_worker.py")
-
-
-def _run(model_dir: str, out: Path, env: dict) -> subprocess.Popen:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_KVCOMPRESS_", "TRITON_INTERPRET"))}
-    full.update(env)
-    proc = subprocess.Popen([sys.executable, str(WORKER), model_dir, str(out), POLICIES], env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return proc
 
 
 @pytest.fixture(scope="module")
 def parity(cut_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("parity")
     runs = {"cpp": {"VLLM_KVCOMPRESS_OPS": "cpp"},
             "triton": {"TRITON_INTERPRET": "1", "VLLM_KVCOMPRESS_BACKEND": "triton", "VLLM_KVCOMPRESS_OPS": "triton"}}
-    procs = {name: _run(cut_model_dir, tmp / f"{name}.json", env) for name, env in runs.items()}
-    results = {}
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=1800)
-        assert proc.returncode == 0, f"{name} engine run failed:\n{out[-4000:]}"
-        results[name] = json.loads((tmp / f"{name}.json").read_text())
-    return results
+    return run_parity_workers(cut_model_dir, tmp_path_factory.mktemp("parity"), POLICIES, runs)
 
 
 @pytest.mark.parametrize("policy", POLICIES.split(","))

@@ -48,7 +48,7 @@ def _p2(x: int) -> int:
 # float32 caches and under the interpreter.
 
 DECODE_TILE = 64  # slots per inner iteration
-DECODE_TARGET_PROGRAMS = 4 * 132  # enough programs to fill an H100/H200 (132 SMs) a few times
+DECODE_TARGET_PROGRAMS = 4 * 132  # programs to fill an H100/H200 (132 SMs) a few times (window kernel too)
 
 
 # Dot precision (constexpr PREC): 0 = float32 operands, "ieee"; 1 = float32 operands,
@@ -180,9 +180,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def decode_splits(num_programs: int, capacity: int, tile: int = DECODE_TILE,
+def key_splits(num_programs: int, capacity: int, tile: int = DECODE_TILE,
                   target: int = DECODE_TARGET_PROGRAMS, force: int | None = None) -> tuple[int, int]:
-    """(number of splits, slots per split) for ``num_programs`` programs whose windows
+    """Split-K plan of the decode and window kernels: (number of splits, slots per
+    split) for ``num_programs`` programs whose windows
     hold at most ``capacity`` slots (the block table's width x page size: known on the
     host, so no device sync, and a captured CUDA graph stays valid when the lengths
     change). Splits are whole tiles; ``force`` asks for a split count (tests)."""
@@ -208,7 +209,7 @@ def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Ten
     dev = query.device
     bt = block_table.to(torch.int32)
     sl = seq_lens.to(device=dev, dtype=torch.int32).contiguous()
-    ns, split = decode_splits(R * H, bt.shape[1] * bs, force=num_splits)
+    ns, split = key_splits(R * H, bt.shape[1] * bs, force=num_splits)
     GP, DP = max(_p2(G), 16), max(_p2(D), 16)  # tl.dot needs 16 rows / a 16-wide inner dim
     prec = 1 if k_t.dtype != torch.float32 and not _interpreting() else 0  # tf32 / ieee (P @ V too)
     m = torch.empty(R * Hq * ns, device=dev, dtype=torch.float32)
@@ -363,7 +364,7 @@ def window_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Ten
     GP = _p2(G)
     bq = max(1, _p2(block_rows) // GP)  # BQ * GP query-head rows per program (>= 16 for tl.dot)
     qtiles = triton.cdiv(int(cnt.max()), bq)
-    nsk, split = decode_splits(R * H * qtiles, bt.shape[1] * bs, tile=WINDOW_TILE, force=num_splits)  # keys too
+    nsk, split = key_splits(R * H * qtiles, bt.shape[1] * bs, tile=WINDOW_TILE, force=num_splits)
     n_sel = int(sel.numel())
     m = torch.empty(n_sel * H * GP * nsk, device=dev, dtype=torch.float32)
     lsum = torch.empty_like(m)
