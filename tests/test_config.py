@@ -30,7 +30,7 @@ def test_defaults_disabled():
 
 @pytest.mark.parametrize(
     "policy,schedule,sinks",
-    [("h2o", "uniform", 0), ("pyramid", "pyramidinfer-cosine", 4), ("snapkv", "uniform", 0), ("streaming", "uniform", 4)],
+    [("h2o", "uniform", 0), ("pyramid", "pyramidinfer-cosine", 4), ("snapkv", "pyramidkv", 0), ("streaming", "uniform", 4)],
 )
 def test_policy_defaults(policy, schedule, sinks):
     c = KVCompressConfig(policy=policy, budget=0.25)

@@ -46,7 +46,9 @@ DEFAULT_SCHEDULE: dict[str, str] = {
     "none": "uniform",
     "h2o": "uniform",
     "pyramid": "pyramidinfer-cosine",
-    "snapkv": "uniform",
+    # SnapKV's selection with PyramidKV's per-layer budgets (the SnapKV paper: uniform);
+    # the measured trade-off is in docs/policies.md
+    "snapkv": "pyramidkv",
     "streaming": "uniform",
 }
 #: attention sinks kept when ``sinks`` is None
@@ -88,7 +90,8 @@ class KVCompressConfig:
     sinks: int | None = None
     #: slack tokens: a layer grows to budget + interval - 1, then compacts back to budget
     compress_interval: int = 32
-    #: one of :data:`SCHEDULE_NAMES`; None = policy default (pyramid -> pyramidinfer-cosine, else uniform)
+    #: one of :data:`SCHEDULE_NAMES`; None = policy default (:data:`DEFAULT_SCHEDULE`: pyramid -> pyramidinfer-cosine,
+    #: snapkv -> pyramidkv, else uniform)
     schedule: str | None = None
     #: no layer budget goes below min(min_layer_budget, prompt_len) (PyramidInfer ``min_context_length``)
     min_layer_budget: int = 64

@@ -13,7 +13,11 @@ GQA group, as we do.
 Deviations by default: the pooling kernel is 13 (wider than the LongBench 7:
 the question attends to a number's first digits, and kernel 7 reached only the
 first four of a 5-digit key on the embedded model; ``kernel: 7`` restores the
-LongBench setting). The reference never evicts in decode; we keep the budget
+LongBench setting), and the per-layer budgets follow PyramidKV (``schedule:
+pyramidkv``, the config's ``DEFAULT_SCHEDULE``): at 12.5% retention SnapKV's uniform
+budgets cut a once-stated key at 1K tokens (87% pass-key), PyramidKV's kept it
+(100%) at some perplexity (+2.3% vs +0.8% at 25%); ``schedule: uniform`` restores
+the paper's budgets (docs/policies.md). The reference never evicts in decode; we keep the budget
 and rank decode-time evictions by the decode queries since the previous
 compaction (``reset_scores: true``; ``false`` carries the prompt's votes over).
 """
