@@ -34,6 +34,11 @@ def test_flags_land_in_additional_config(parser):
     assert (kv["policy"], kv["budget"], kv["sinks"]) == ("pyramid", 0.25, 4)
 
 
+def test_schedule_flag(parser):
+    ea = _engine_args(parser, ["--kv-policy", "snapkv", "--kv-budget", "0.125", "--kv-schedule", "uniform"])
+    assert ea.additional_config["kv_compress"]["schedule"] == "uniform"
+
+
 def test_no_flags_no_config(parser):
     assert "kv_compress" not in (_engine_args(parser, []).additional_config or {})
 

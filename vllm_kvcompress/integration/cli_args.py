@@ -1,7 +1,7 @@
 """Patch point: ``vllm.engine.arg_utils.EngineArgs.add_cli_args`` and
 ``EngineArgs.from_cli_args``.
 
-Adds ``--kv-policy``, ``--kv-budget``, ``--kv-recent-window``, ``--kv-sinks``,
+Adds ``--kv-policy``, ``--kv-budget``, ``--kv-schedule``, ``--kv-recent-window``, ``--kv-sinks``,
 ``--kv-compress-interval``, ``--kv-prefill-drop`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
 (``vllm serve``, ``vllm bench ...``), and moves their values into
 ``additional_config["kv_compress"]`` — the same place offline users put them:
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_kvcompress.config import POLICY_NAMES, ConfigError, KVCompressConfig
+from vllm_kvcompress.config import POLICY_NAMES, SCHEDULE_NAMES, ConfigError, KVCompressConfig
 from vllm_kvcompress.integration import platform_config
 from vllm_kvcompress.integration.common import CONFIG_KEY, patch_method
 
@@ -22,6 +22,7 @@ from vllm_kvcompress.integration.common import CONFIG_KEY, patch_method
 FLAGS = {
     "kv_policy": "policy",
     "kv_budget": "budget",
+    "kv_schedule": "schedule",
     "kv_recent_window": "recent_window",
     "kv_sinks": "sinks",
     "kv_compress_interval": "compress_interval",
@@ -38,6 +39,9 @@ def add_flags(parser) -> None:
     g.add_argument("--kv-budget", type=float, default=None,
                    help="Retained tokens per layer (mean over layers): an integer >= 1 is tokens, "
                         "a value in (0, 1) a fraction of the prompt length.")
+    g.add_argument("--kv-schedule", choices=SCHEDULE_NAMES, default=None,
+                   help="How the budget is spread over the layers (default: the policy's; pyramid: "
+                        "pyramidinfer-cosine, snapkv: pyramidkv, others: uniform).")
     g.add_argument("--kv-recent-window", type=int, default=None,
                    help="Newest tokens always kept per layer (default: the policy's).")
     g.add_argument("--kv-sinks", type=int, default=None,
