@@ -362,14 +362,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def policy_flags(policy: str, budget: str) -> list[str]:
-    """``pyramid+drop`` = ``--kv-policy pyramid --kv-prefill-drop`` (deeper layers compute only
-    their kept tokens in prefill); any other name is a ``--kv-policy`` value."""
-    base, _, extra = policy.partition("+")
-    flags = ["--kv-policy", base, "--kv-budget", budget]
-    if extra == "drop":
-        flags.append("--kv-prefill-drop")
-    elif extra:
-        raise SystemExit(f"bench_throughput: unknown policy variant {policy!r} (allowed: <policy>, pyramid+drop)")
+    """The engine flags of a policy name (``vllm_kvcompress.config.variant_settings``):
+    ``pyramid+drop`` = ``--kv-policy pyramid --kv-prefill-drop`` (deeper layers compute only
+    their kept tokens in prefill), ``pyramid+drop@L`` adds ``--kv-prefill-drop-from L``."""
+    from vllm_kvcompress.config import variant_settings
+    from vllm_kvcompress.integration.cli_args import FLAGS
+
+    try:
+        opts = variant_settings(policy)
+    except ValueError as e:
+        raise SystemExit(f"bench_throughput: {e}") from None
+    flag_of = {field: "--" + flag.replace("_", "-") for flag, field in FLAGS.items()}
+    flags = ["--kv-policy", opts.pop("policy"), "--kv-budget", budget]
+    for field, v in opts.items():
+        flags += [flag_of[field]] if v is True else [flag_of[field], str(v)]
     return flags
 
 

@@ -157,7 +157,8 @@ def test_negative_windows(name):
     assert _err(policy="h2o", budget=0.5, **{name: -1}) == f"kv_compress.{name}: must be >= 0 or null (policy default), got -1"
 
 
-@pytest.mark.parametrize("name", ["compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "h2o_window"])
+@pytest.mark.parametrize("name", ["compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "h2o_window",
+                                  "prefill_drop_from"])
 def test_sizes_at_least_one(name):
     assert _err(policy="h2o", budget=0.5, **{name: 0}) == f"kv_compress.{name}: must be an integer >= 1, got 0"
     assert _err(policy="h2o", budget=0.5, **{name: -4}).startswith(f"kv_compress.{name}: must be an integer >= 1")
@@ -167,6 +168,12 @@ def test_sizes_at_least_one(name):
 def test_non_integer_sizes(name):
     assert _err(policy="h2o", budget=0.5, **{name: 2.5}) == f"kv_compress.{name}: must be an integer, got 2.5"
     assert _err(policy="h2o", budget=0.5, **{name: "8"}).startswith(f"kv_compress.{name}: must be an integer")
+
+
+def test_prefill_drop_from_needs_prefill_drop():
+    assert _err(policy="pyramid", budget=0.25, prefill_drop_from=10) == (
+        "kv_compress.prefill_drop_from: only with prefill_drop: true (--kv-prefill-drop), got 10")
+    assert KVCompressConfig(policy="pyramid", budget=0.25, prefill_drop=True, prefill_drop_from=10).prefill_drop_from == 10
 
 
 def test_snapkv_kernel_odd():
@@ -288,3 +295,14 @@ def test_prefill_drop_only_with_pyramid():
         "kv_compress.prefill_drop: only with policy 'pyramid' (the PyramidInfer reference), got policy 'h2o'")
     assert _err(policy="pyramid", budget=0.25, prefill_drop="yes").startswith(
         "kv_compress.prefill_drop: must be true or false")
+
+
+def test_variant_settings():
+    from vllm_kvcompress.config import variant_settings
+
+    assert variant_settings("h2o") == {"policy": "h2o"}
+    assert variant_settings("pyramid+drop") == {"policy": "pyramid", "prefill_drop": True}
+    assert variant_settings("pyramid+drop@10") == {"policy": "pyramid", "prefill_drop": True, "prefill_drop_from": 10}
+    for bad in ("snapkv+drop", "pyramid+drop@x", "pyramid+foo", "none", "nonsense"):
+        with pytest.raises(ValueError, match="allowed: h2o, pyramid, snapkv, streaming, pyramid\\+drop"):
+            variant_settings(bad)

@@ -44,8 +44,10 @@ def _worker_layers(llm):
 
 @pytest.mark.parametrize("kv", [{"policy": "h2o", "budget": 256}, {"policy": "pyramid", "budget": 256},
                                 {"policy": "snapkv", "budget": 256},
-                                {"policy": "pyramid", "budget": 256, "prefill_drop": True}],
-                         ids=["h2o", "pyramid", "snapkv", "pyramid-prefill-drop"])
+                                {"policy": "pyramid", "budget": 256, "prefill_drop": True},
+                                # layers 0-6 compute every token, the first drop is mid-stage (layers 5-9)
+                                {"policy": "pyramid", "budget": 256, "prefill_drop": True, "prefill_drop_from": 7}],
+                         ids=["h2o", "pyramid", "snapkv", "pyramid-prefill-drop", "pyramid-prefill-drop-from-7"])
 def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypatch):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

@@ -380,8 +380,12 @@ def test_select_tokens_one_set_for_all_heads():
 
 def test_drop_counts_nested_or_none():
     # retained_count(1000, b, 32) = b + (1000 - b) % 32
-    assert drop_counts([600, 600, 300, 100], 1000, 32) == [616, 616, 328, 104]
-    assert drop_counts([600, 700, 300], 1000, 32) is None  # a deeper layer would need tokens already dropped
+    assert drop_counts([600, 600, 300, 100], 1000, 32) == [1000, 616, 328, 104]  # layer 0 computes all
+    # prefill_drop_from: the layers before it compute every token
+    assert drop_counts([600, 600, 300, 100], 1000, 32, first=3) == [1000, 1000, 1000, 104]
+    assert drop_counts([600, 600, 300, 100], 1000, 32, first=4) is None  # nothing is dropped
+    assert drop_counts([600, 700, 300], 1000, 32) == [1000, 712, 328]  # layer 1 chooses among all of layer 0's
+    assert drop_counts([600, 300, 700], 1000, 32) is None  # a deeper layer would need tokens already dropped
     assert drop_counts([2000, 2000], 1000, 32) is None  # nothing is dropped
 
 

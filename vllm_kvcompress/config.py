@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_SCHEDULE",
     "DEFAULT_SINKS",
     "request_budget",
+    "variant_settings",
 ]
 
 POLICY_NAMES: tuple[str, ...] = ("none", "h2o", "pyramid", "snapkv", "streaming")
@@ -120,6 +121,11 @@ class KVCompressConfig:
     #: not keep, so deeper layers compute only their retained tokens (the PyramidInfer reference;
     #: cuts prefill compute). Off: every layer computes every prompt token and then evicts.
     prefill_drop: bool = False
+    #: with prefill_drop: the first layer that computes fewer tokens than the prompt; the layers
+    #: before it compute every prompt token and evict per KV head like the default path, and the
+    #: first drop is chosen by the attention of layer prefill_drop_from - 1 (1 = the reference:
+    #: only layer 0 computes the whole prompt; a larger value trades prefill compute for retrieval)
+    prefill_drop_from: int = 1
     #: h2o policy: question window, the last h2o_window prompt queries get an extra vote
     h2o_window: int = 32
     #: h2o policy: the question window's extra vote as a multiple of the rest of the prompt's (0 = reference H2O)
@@ -140,7 +146,7 @@ class KVCompressConfig:
         """Coerce integral floats (e.g. from JSON/YAML) for integer options; check types."""
         set_ = object.__setattr__
         for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "snapkv_kernel",
-                     "pyramid_kernel", "pyramid_window", "h2o_window", "h2o_kernel"):
+                     "pyramid_kernel", "pyramid_window", "h2o_window", "h2o_kernel", "prefill_drop_from"):
             set_(self, name, _as_int(name, getattr(self, name), optional=False))
         for name in ("recent_window", "sinks"):
             set_(self, name, _as_int(name, getattr(self, name), optional=True))
@@ -189,7 +195,8 @@ class KVCompressConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise _err(name, f"must be >= 0 or null (policy default), got {v}")
-        for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "h2o_window"):
+        for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "h2o_window",
+                     "prefill_drop_from"):
             v = getattr(self, name)
             if v < 1:
                 raise _err(name, f"must be an integer >= 1, got {v}")
@@ -214,6 +221,8 @@ class KVCompressConfig:
                     f"only used by schedules {', '.join(_PYRAMIDINFER_SCHEDULES)} (schedule is {self.resolved_schedule!r})",
                 )
 
+        if self.prefill_drop_from != 1 and not self.prefill_drop:
+            raise _err("prefill_drop_from", f"only with prefill_drop: true (--kv-prefill-drop), got {self.prefill_drop_from}")
         if self.prefill_drop and self.policy != "pyramid":
             raise _err("prefill_drop", f"only with policy 'pyramid' (the PyramidInfer reference), got policy {self.policy!r}")
 
@@ -396,3 +405,22 @@ def request_budget(cfg: KVCompressConfig, value: Any, block_size: int | None = N
         except ConfigError as e:
             raise err(str(e).split(": ", 1)[1]) from None
     return value
+
+
+def variant_settings(name: str) -> dict[str, Any]:
+    """The kv_compress options of a policy name as the eval and bench commands accept it:
+    ``<policy>``, ``pyramid+drop`` (``prefill_drop``) or ``pyramid+drop@L`` (also
+    ``prefill_drop_from: L``). Raises ``ValueError`` naming the allowed forms."""
+    base, plus, variant = name.partition("+")
+    allowed = f"allowed: {', '.join(POLICY_NAMES[1:])}, pyramid+drop, pyramid+drop@LAYER"
+    if base not in POLICY_NAMES[1:]:
+        raise ValueError(f"unknown policy {name!r}; {allowed}")
+    d: dict[str, Any] = {"policy": base}
+    if plus:
+        kind, at, layer = variant.partition("@")
+        if base != "pyramid" or kind != "drop" or (at and not layer.isdigit()):
+            raise ValueError(f"unknown policy variant {name!r}; {allowed}")
+        d["prefill_drop"] = True
+        if at:
+            d["prefill_drop_from"] = int(layer)
+    return d

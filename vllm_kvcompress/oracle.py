@@ -134,7 +134,7 @@ class DenseOracle:
         compress = not self.cfg.keeps_all
         drop = None
         if compress and self.cfg.prefill_drop and is_prefill and start == 0 and C == self.prompt_len:
-            drop = drop_counts(self.budgets, C, self.cfg.compress_interval)
+            drop = drop_counts(self.budgets, C, self.cfg.compress_interval, self.cfg.prefill_drop_from)
 
         for li, layer in enumerate(m.layers):
             x = layer.input_layernorm(h)

@@ -64,7 +64,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.config import KVCompressConfig, variant_settings
 
 # ----------------------------------------------------------------------------- defaults
 POLICIES = ("h2o", "pyramid", "snapkv", "streaming")
@@ -73,9 +73,9 @@ RETRIEVAL_TASKS = ("passkey", "passkey_once", "multikey")
 TASKS = RETRIEVAL_TASKS + ("ppl",)
 TASK_TITLES = {"passkey": "passkey (key stated 3x)", "passkey_once": "passkey (key stated once)",
                "multikey": "multi-key", "ppl": "perplexity"}
-#: also accepted by --policies: pyramid with --kv-prefill-drop (deeper layers compute only their
-#: kept tokens when a prompt is prefilled in one step; the chunked perplexity runs never drop)
-VARIANTS = ("pyramid+drop",)
+#: --policies also accepts pyramid+drop and pyramid+drop@LAYER (config.variant_settings: pyramid
+#: with prefill_drop; deeper layers compute only their kept tokens when a prompt is prefilled in
+#: one step; the chunked perplexity runs never drop)
 RETENTIONS = (0.5, 0.25, 0.125)
 LENGTHS = (1024, 2048, 4096)
 PASSKEY_DEPTHS = 10
@@ -314,10 +314,7 @@ def engine_kwargs(policy: str, retention: float, kind: str, options: dict | None
 def kv_settings(policy: str, retention: float, options: dict | None = None) -> dict:
     """The kv_compress mapping of a grid entry (``pyramid+drop``: pyramid with prefill_drop),
     plus ``options`` (``--kv KEY=VALUE``: e.g. an option that restores a paper's reference)."""
-    base, _, variant = policy.partition("+")
-    d: dict[str, Any] = {"policy": base, "budget": retention}
-    if variant == "drop":
-        d["prefill_drop"] = True
+    d: dict[str, Any] = {**variant_settings(policy), "budget": retention}
     d.update(options or {})
     return d
 
@@ -704,8 +701,10 @@ def _kv_option(s: str) -> tuple[str, Any]:
 def _policies(s: str) -> tuple[str, ...]:
     vals = tuple(x.strip() for x in s.split(",") if x.strip())
     for v in vals:
-        if v not in POLICIES + VARIANTS:
-            raise argparse.ArgumentTypeError(f"unknown policy {v!r} (choose from {', '.join(POLICIES + VARIANTS)})")
+        try:
+            variant_settings(v)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return vals
 
 

@@ -4,15 +4,15 @@ go on the loaded model's decoder layers (``model.model.layers``) and a wrapper
 on ``model.model.forward``.
 
 PyramidInfer's prefill (``--kv-prefill-drop``): a prompt prefilled whole in one
-step is computed by layer 0 at full length; every deeper layer computes only the
-tokens it will keep (``policies.drop_counts``), chosen among the previous
+step is computed by layer 0 (by default; the layers before ``prefill_drop_from``)
+at full length; every deeper layer computes only the tokens it will keep (``policies.drop_counts``), chosen among the previous
 layer's by :func:`~vllm_kvcompress.policies.select_tokens` on that layer's scores.
 So prefill compute shrinks with the pyramid, not only the KV it leaves behind.
 
 How the pieces meet in one forward pass:
 
 * the attention-metadata builders (``attention_backend``) build, for each
-  compressed group, a second ("reduced") metadata in which every dropping request
+  compressed group with a layer past ``prefill_drop_from``, a second ("reduced") metadata in which every dropping request
   has the group's kept count of query tokens, written straight into the window
   the scheduler keeps (``paging``): nothing to compact afterwards. They share one
   :class:`DropPlan` per step;
@@ -44,7 +44,7 @@ class DropPlan:
     token selection of the forward pass (shared by every layer's metadata)."""
 
     rows: np.ndarray  # [R] bool: requests that drop in this step
-    counts: np.ndarray  # [L, R] tokens layer l computes (layer 0: all; non-dropping requests: all)
+    counts: np.ndarray  # [L, R] tokens layer l computes (layers < prefill_drop_from and non-dropping requests: all)
     budgets: np.ndarray  # [L, R] layer budgets (the selection's sinks / recent window)
     # ---- forward-pass state
     cur: torch.Tensor | None = None  # step token row of each row the current layer computes (None: all rows)
@@ -60,6 +60,16 @@ class DropPlan:
         if q is None:
             q = self._qsl[layer] = np.concatenate([[0], np.cumsum(self.counts[layer])]).astype(np.int64)
         return q
+
+    def reduced(self, layer: int) -> bool:
+        """Whether ``layer`` computes fewer tokens than the step has for some request (it then
+        runs on the reduced metadata; the layers before ``prefill_drop_from`` compute all)."""
+        return bool((self.counts[layer] < self.counts[0]).any())
+
+    def first_reduced(self, first: int, num: int) -> int | None:
+        """The first of layers ``first .. first + num - 1`` (one KV-cache group) that is
+        :meth:`reduced` (later layers of the group compute as many), or None."""
+        return next((lay for lay in range(first, first + num) if self.reduced(lay)), None)
 
     def shrinks_after(self, layer: int) -> bool:
         return layer + 1 < len(self.counts) and bool((self.counts[layer + 1] < self.counts[layer]).any())
@@ -111,7 +121,7 @@ def plan_for_step(spec, n: np.ndarray, c: np.ndarray, prompt_lens: np.ndarray,
         if c[i] != 0 or n[i] != prompt_lens[i] or n[i] < 2:
             continue
         b = [spec.budget_of_layer(layer, int(n[i]), rb[i]) for layer in range(L)]
-        k = drop_counts(b, int(n[i]), cfg.compress_interval)
+        k = drop_counts(b, int(n[i]), cfg.compress_interval, cfg.prefill_drop_from)
         if k is None:
             continue
         rows[i] = True

@@ -73,7 +73,7 @@ class StepPlan:
     scored: bool = False  # the fused decode kernel already folded this step's scores in
     # ---- prefill_drop (integration.prefill_drop)
     drop: prefill_drop.DropPlan | None = None  # the step's plan (set on the full-length metadata)
-    reduced: object | None = None  # vLLM metadata for the layers after layer 0 (fewer query tokens)
+    reduced: object | None = None  # vLLM metadata for this group's layers that compute fewer tokens (prefill_drop)
     weights_full: torch.Tensor | None = None  # reduced metadata: query weights of the full-length step
     track_positions: bool = False
     bound: int = -1  # the DropPlan.version that weights/positions were gathered for
@@ -146,11 +146,12 @@ class CompressedBuilderMixin:
                     StepContext.drop_plan = False
             drop = StepContext.drop_plan or None
         md = self._build_window(common_prefix_len, cm, fast_build, num_new, computed, budget, prompt_lens, drop)
-        if drop is not None:  # what this group's layers compute after layer 0 dropped tokens
+        if drop is not None:
             md.kvc.drop = drop
-            md.kvc.reduced = self._build_window(common_prefix_len, cm, fast_build, num_new, computed, budget,
-                                                prompt_lens, drop, drop.counts[max(spec.kv_first_layer, 1)],
-                                                md.kvc.weights)
+            first = drop.first_reduced(spec.kv_first_layer, spec.num_layers_in_stage)
+            if first is not None:  # what this group's layers compute once tokens were dropped
+                md.kvc.reduced = self._build_window(common_prefix_len, cm, fast_build, num_new, computed, budget,
+                                                    prompt_lens, drop, drop.counts[first], md.kvc.weights)
         return md
 
     def _build_window(self, common_prefix_len, cm, fast_build, num_new, computed, budget, prompt_lens, drop,
@@ -245,7 +246,7 @@ class CompressedImplMixin:
         if attn_metadata is None:  # profiling run
             return self._attend(layer, query, key, value, kv_cache, None, output, output_scale, output_block_scale)
         plan: StepPlan | None = getattr(attn_metadata, "kvc", None)
-        if plan is not None and plan.drop is not None and self._layer_index(layer) > 0:
+        if plan is not None and plan.drop is not None and plan.drop.reduced(self._layer_index(layer)):
             drop = plan.drop
             attn_metadata = plan.reduced  # this layer computes only the tokens kept so far
             plan = attn_metadata.kvc

@@ -55,16 +55,18 @@ def max_slots(budget: int, interval: int, chunk: int) -> int:
     return budget + interval - 1 + chunk
 
 
-def drop_counts(budgets: list[int], prompt_len: int, interval: int) -> list[int] | None:
+def drop_counts(budgets: list[int], prompt_len: int, interval: int, first: int = 1) -> list[int] | None:
     """Tokens the layers of each stage compute when a whole prompt is prefilled with
     ``prefill_drop`` (layer 0 always computes all ``prompt_len``).
 
-    Stage ``g`` computes ``k_g = retained_count(prompt_len, budgets[g], interval)``
-    tokens, exactly what it holds after the step, so it never compacts in prefill.
+    Layer ``l >= first`` computes ``k_l = retained_count(prompt_len, budgets[l], interval)``
+    tokens, exactly what it holds after the step, so it never compacts in prefill; the
+    layers before ``first`` (``prefill_drop_from``) compute all ``prompt_len`` and compact
+    like the default path.
     Each stage's tokens are chosen among the previous stage's, so the counts must
     not grow with depth; returns None when they do or when nothing is dropped.
     """
-    k = [retained_count(prompt_len, b, interval) for b in budgets]
+    k = [prompt_len if i < first else retained_count(prompt_len, b, interval) for i, b in enumerate(budgets)]
     if any(b > a for a, b in zip(k, k[1:])) or k[-1] >= prompt_len:
         return None
     return k
