@@ -4,16 +4,18 @@ go on the loaded model's decoder layers (``model.model.layers``) and a wrapper
 on ``model.model.forward``.
 
 PyramidInfer's prefill (``--kv-prefill-drop``): a prompt prefilled whole in one
-step is computed by layer 0 (by default; the layers before ``prefill_drop_from``)
-at full length; every deeper layer computes only the tokens it will keep (``policies.drop_counts``), chosen among the previous
-layer's by :func:`~vllm_kvcompress.policies.select_tokens` on that layer's scores.
+step is computed by layer 0 (the layers before ``prefill_drop_from``) at full
+length; every deeper layer computes only the tokens it will keep
+(``policies.drop_counts``), chosen among the previous layer's by
+:func:`~vllm_kvcompress.policies.select_tokens` on that layer's scores.
 So prefill compute shrinks with the pyramid, not only the KV it leaves behind.
 
 How the pieces meet in one forward pass:
 
 * the attention-metadata builders (``attention_backend``) build, for each
-  compressed group with a layer past ``prefill_drop_from``, a second ("reduced") metadata in which every dropping request
-  has the group's kept count of query tokens, written straight into the window
+  compressed group with a layer at or past ``prefill_drop_from``, a second
+  ("reduced") metadata in which every dropping request has the group's kept
+  count of query tokens, written straight into the window
   the scheduler keeps (``paging``): nothing to compact afterwards. They share one
   :class:`DropPlan` per step;
 * the attention impl of a layer at which the kept count shrinks ranks the tokens
