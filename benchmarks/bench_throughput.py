@@ -361,6 +361,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def drops(policy: str) -> bool:
+    """Whether a policy name runs with ``--kv-prefill-drop`` (``pyramid+drop``, ``pyramid+drop@L``)."""
+    from vllm_kvcompress.config import variant_settings
+
+    return bool(variant_settings(policy).get("prefill_drop"))
+
+
 def policy_flags(policy: str, budget: str) -> list[str]:
     """The engine flags of a policy name (``vllm_kvcompress.config.variant_settings``):
     ``pyramid+drop`` = ``--kv-policy pyramid --kv-prefill-drop`` (deeper layers compute only
@@ -446,7 +453,7 @@ def main_table(runner: Runner, args) -> dict:
     if not args.no_prefill_bound and args.retentions:
         ret = args.retentions[0]
         for p in args.policies:
-            if p.endswith("+drop"):
+            if drops(p):
                 r = runner.throughput(f"{p} {ret:.1%} prefill only (1 output token)", policy_flags(p, str(ret)),
                                       n=min(n, args.prefill_prompts), input_len=L, output_len=1, dataset_n=n)
                 r.update(kind="prefill-bound", policy=p, retention=ret)
@@ -465,7 +472,7 @@ def targets_and_bounds(table: dict, args) -> tuple[list[dict], list[str]]:
     checks = []
     for kind, ret, drop, goal in TARGETS:
         sel = [r for r in runs if r.get("kind") == kind and (ret is None or abs(r["retention"] - ret) < 1e-9)
-               and (drop is None or r["policy"].endswith("+drop") == drop)]
+               and (drop is None or drops(r["policy"]) == drop)]
         for r in sel:
             x = r["vs_vanilla"]["requests_per_s"]
             checks.append({"run": r["label"], "metric": "requests/s vs vanilla", "target": f">= {goal:.2f}x",
@@ -513,7 +520,7 @@ def targets_and_bounds(table: dict, args) -> tuple[list[dict], list[str]]:
                      f"mean running {fmt(r['mean_running'], '.1f')}; "
                      f"requests/s {fx(rq)}" + (
                          f" of a prefill-bound ceiling of {1.0 / (pre['elapsed_s'] / pre['num_prompts']) / van['requests_per_s']:.2f}x"
-                         if pre and not r["policy"].endswith("+drop") else "") + (
+                         if pre and not drops(r["policy"]) else "") + (
                          f" (prefill-only ceiling at {table['prefill_drop'][0]['retention']:.1%}: "
                          f"{ceilings[r['policy']]:.2f}x)" if r["policy"] in ceilings else ""))
     if not van.get("stats"):
