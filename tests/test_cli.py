@@ -39,6 +39,13 @@ def test_schedule_flag(parser):
     assert ea.additional_config["kv_compress"]["schedule"] == "uniform"
 
 
+def test_decode_evict_flag(parser):
+    ea = _engine_args(parser, ["--kv-policy", "snapkv", "--kv-budget", "0.25", "--no-kv-decode-evict"])
+    assert ea.additional_config["kv_compress"]["decode_evict"] is False
+    ea = _engine_args(parser, ["--kv-policy", "snapkv", "--kv-budget", "0.25"])
+    assert ea.additional_config["kv_compress"]["decode_evict"] is True
+
+
 def test_no_flags_no_config(parser):
     assert "kv_compress" not in (_engine_args(parser, []).additional_config or {})
 

@@ -189,6 +189,9 @@ def test_retrieval_options_refused_in_one_line():
         "kv_compress.h2o_window_weight: must be >= 0 (0 = reference H2O), got -0.5"
     assert _err(policy="h2o", budget=0.5, h2o_window_weight="big") == "kv_compress.h2o_window_weight: must be a number, got 'big'"
     assert _err(policy="snapkv", budget=0.5, reset_scores="yes") == "kv_compress.reset_scores: must be true or false, got 'yes'"
+    assert _err(policy="snapkv", budget=0.5, decode_evict=0) == "kv_compress.decode_evict: must be true or false, got 0"
+    assert KVCompressConfig(policy="snapkv", budget=0.5, decode_evict=False).grow_from(900) == 900
+    assert KVCompressConfig(policy="snapkv", budget=0.5).grow_from(900) is None
     cfg = KVCompressConfig(policy="h2o", budget=0.5, h2o_window_weight=0, pyramid_window=0, reset_scores=True)
     assert (cfg.h2o_window_weight, cfg.pyramid_window, cfg.reset_scores) == (0, 0, True)
 

@@ -1,8 +1,9 @@
 """The vLLM integration reproduces the dense oracle (float32, greedy):
 the same retained tokens per layer and KV head after prefill, and the same
-first 64 generated tokens, for H2O and PyramidInfer (also with
-``prefill_drop``: deeper layers compute only their kept tokens) on 3 essay
-prompts."""
+first 64 generated tokens, for H2O, PyramidInfer (also with
+``prefill_drop``: deeper layers compute only their kept tokens) and SnapKV (also
+with ``decode_evict: false``: the cache grows after the prompt) on 3 essay
+prompts, and each decode step holds the pages ``paging.live_blocks`` predicts."""
 
 from __future__ import annotations
 
@@ -46,8 +47,11 @@ def _worker_layers(llm):
                                 {"policy": "snapkv", "budget": 256},
                                 {"policy": "pyramid", "budget": 256, "prefill_drop": True},
                                 # layers 0-6 compute every token, the first drop is mid-stage (layers 5-9)
-                                {"policy": "pyramid", "budget": 256, "prefill_drop": True, "prefill_drop_from": 7}],
-                         ids=["h2o", "pyramid", "snapkv", "pyramid-prefill-drop", "pyramid-prefill-drop-from-7"])
+                                {"policy": "pyramid", "budget": 256, "prefill_drop": True, "prefill_drop_from": 7},
+                                # the SnapKV reference: nothing evicted after the prompt
+                                {"policy": "snapkv", "budget": 256, "decode_evict": False}],
+                         ids=["h2o", "pyramid", "snapkv", "pyramid-prefill-drop", "pyramid-prefill-drop-from-7",
+                              "snapkv-no-decode-evict"])
 def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypatch):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -65,7 +69,7 @@ def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypa
         layers = _worker_layers(llm)
         from vllm.model_executor.models.utils import extract_layer_index
 
-        pairs = exact = differ = total = 0
+        pairs = exact = differ = total = pages = 0
         for i, ids in enumerate(prompt_ids):
             rid = f"oracle-{i}"
             eng.add_request(rid, TokensPrompt(prompt_token_ids=ids),
@@ -84,10 +88,18 @@ def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypa
                 for name in group.layer_names:
                     ours[extract_layer_index(name)] = layers[name].impl.retained_positions(live, count)
             out = []
+            grow = cfg.grow_from(len(ids))
             while eng.has_unfinished_requests():
                 for o in eng.step():
                     if o.finished:
                         out = list(o.outputs[0].token_ids)
+                if req.request_id in sched.requests:  # pages after a decode step, before the next frees any
+                    c = req.num_computed_tokens
+                    for m in managers:
+                        held = sum(1 for b in m.req_to_blocks[req.request_id] if not b.is_null)
+                        assert held == paging.live_blocks(c - 1, 1, m.budget(len(ids)), m.interval, m.block_size,
+                                                          grow), (c, held)
+                        pages += held
             want_tokens, want_kept = oracle.generate(ids, N_OUT, eos_token_id=None)
             for layer, want in enumerate(want_kept):
                 got = ours[layer]
@@ -100,7 +112,7 @@ def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypa
                 exact += int(all(set(got[h].tolist()) == set(want[h].tolist()) for h in range(got.shape[0])))
             assert out[:N_OUT] == want_tokens[:N_OUT], f"prompt {i}"
         print(f"{kv['policy']}{' prefill_drop' if kv.get('prefill_drop') else ''}: {exact}/{pairs} (prompt, layer) pairs keep identical tokens; "
-              f"{differ}/{total} retained tokens differ")
+              f"{differ}/{total} retained tokens differ; {pages} pages held over the decode steps")
         # float32 kernels vs the oracle's einsum: a near-tie in the top-k may flip one token
         assert exact >= 0.95 * pairs and differ <= 0.002 * total
     finally:

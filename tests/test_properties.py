@@ -460,7 +460,10 @@ def layer_runs(draw):
     # a chunked prefill followed by decode steps (1 token) and the odd multi-token step
     rest = draw(st.lists(st.one_of(st.just(1), st.integers(1, 80)), min_size=0, max_size=40))
     first = draw(st.lists(st.integers(1, 256), min_size=0, max_size=3))
-    return dict(bs=bs, budget=budget, interval=interval, chunks=[c for c in first if c] + [prompt] + rest)
+    # decode_evict false: past the prompt the layer only grows
+    grow_from = sum(first) + prompt if draw(st.booleans()) else None
+    return dict(bs=bs, budget=budget, interval=interval, chunks=[c for c in first if c] + [prompt] + rest,
+                grow_from=grow_from)
 
 
 def _int(x):
@@ -472,45 +475,47 @@ def _int(x):
 @given(run=layer_runs())
 def test_page_arithmetic_matches_brute_force_layer(run):
     """A layer holding a list of slots, fed chunk by chunk, compacting whenever it reaches
-    ``budget + interval`` (token by token) vs retained_count / window_start / live_blocks."""
-    bs, B, I = run["bs"], run["budget"], run["interval"]
+    ``budget + interval`` (token by token) vs retained_count / window_start / live_blocks;
+    with ``grow_from`` (``decode_evict: false``) it stops compacting past the prompt."""
+    bs, B, I, F = run["bs"], run["budget"], run["interval"], run["grow_from"]
     held = 0  # brute force: slots the layer holds
     C = 0  # computed tokens
     allocated = 0  # block-table entries vLLM has allocated (the row only grows)
     freed: set[int] = set()  # entries the scheduler has nulled
     S_prev = E_prev = 0
     for n in run["chunks"]:
-        R = _int(retained_count(C, B, I))
+        R = _int(retained_count(C, B, I, F))
         assert R == held, (C, R, held)
-        E = _int(paging.evicted_count(C, B, I))
-        S = _int(paging.window_start(C, B, I, bs))
+        E = _int(paging.evicted_count(C, B, I, F))
+        S = _int(paging.window_start(C, B, I, bs, F))
         assert E == C - held and S == (C - held) // bs
         assert S >= S_prev and E >= E_prev, "the window start / evicted count went backwards"
         # this step: vLLM allocates the row up to C + n, the scheduler frees entries < S
         allocated = max(allocated, -(-(C + n) // bs))
         freed |= set(range(S))
         held_pages = set(range(allocated)) - freed
-        live = _int(paging.live_blocks(C, n, B, I, bs))
+        live = _int(paging.live_blocks(C, n, B, I, bs, F))
         assert live == len(held_pages), (C, n, live, sorted(held_pages))
         # the window's R + n slots (retained, then the step's new tokens) fit in the row ...
         assert S * bs + R + n <= C + n
         window_pages = {S + p // bs for p in range(R + n)}
         assert window_pages <= held_pages
         assert len(held_pages) - len(window_pages) <= 1  # at most one page of slack
-        assert R + n <= max_slots(B, I, n)
+        if F is None or C + n <= F:  # past grow_from a layer grows without bound
+            assert R + n <= max_slots(B, I, n)
         # the worker computes the step, then compacts (token by token: whenever the
         # layer reaches budget + interval it keeps budget)
-        for _ in range(n):
+        for t in range(n):
             held += 1
-            if held == B + I:
+            if held == B + I and (F is None or C + t + 1 <= F):
                 held = B
         C += n
         # ... and so does the compacted window of the new S, before anything is freed
-        S_new = paging.window_start(C, B, I, bs)
+        S_new = paging.window_start(C, B, I, bs, F)
         assert S_new * bs + held <= allocated * bs
         S_prev, E_prev = S, E
-    assert retained_count(C, B, I) == held
-    assert C - held == paging.evicted_count(C, B, I)
+    assert retained_count(C, B, I, F) == held
+    assert C - held == paging.evicted_count(C, B, I, F)
 
 
 @bounded(200)

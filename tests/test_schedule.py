@@ -48,6 +48,19 @@ def test_retained_count_decode_sawtooth():
     assert retained_count(10**6, UNBOUNDED, 32) == 10**6
 
 
+def test_retained_count_grows_past_grow_from():
+    """decode_evict false: compaction stops at the prompt (grow_from); every later token is kept."""
+    budget, interval, prompt = 10, 4, 25
+    seq = [retained_count(c, budget, interval, prompt) for c in range(1, 40)]
+    assert seq[:prompt] == [retained_count(c, budget, interval) for c in range(1, prompt + 1)]
+    assert seq[prompt - 1] == 13  # 10 + (25 - 10) % 4
+    assert seq[prompt:] == list(range(14, 14 + 40 - 1 - prompt))
+    # arrays: one grow_from per request, None = never
+    import numpy as np
+    got = retained_count(np.array([30, 30]), np.array([10, 10]), 4, np.array([25, 1 << 60]))
+    assert got.tolist() == [18, 10]
+
+
 def test_max_slots():
     assert max_slots(100, 32, 1) == 132
     # a step computing `chunk` tokens never needs more slots than max_slots

@@ -132,6 +132,12 @@ class KVCompressConfig:
     h2o_window_weight: float = 1.0
     #: h2o policy: max-pool kernel of the scores along keys, odd (1 = the reference's per-token ranking)
     h2o_kernel: int = 13
+    #: false: a layer never evicts once its prompt is computed: it keeps the prompt's compressed
+    #: cache plus every generated token, so a request's pages grow by one token per layer per
+    #: generated token (the SnapKV reference; see docs/policies.md). true: generated tokens are
+    #: compacted into the budget like prompt tokens, ranked by the decode queries since the last
+    #: compaction, and the request's pages stay bounded
+    decode_evict: bool = True
     #: pyramid / snapkv: restart kept tokens' scores from 0 after each compaction, so each
     #: compaction ranks by the votes since the previous one (false: scores carry over: under
     #: chunked prefill PyramidInfer's perplexity rose +10.6% at 25%, see docs/policies.md)
@@ -155,7 +161,7 @@ class KVCompressConfig:
             if not isinstance(v, str):
                 raise _err(name, f"must be a string, got {v!r}")
             set_(self, name, v.strip().lower())
-        for name in ("prefill_drop", "reset_scores"):
+        for name in ("prefill_drop", "reset_scores", "decode_evict"):
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.schedule is not None:
@@ -250,6 +256,12 @@ class KVCompressConfig:
     def keeps_all(self) -> bool:
         """True when nothing is ever evicted (policy 'none' or budget 1.0)."""
         return self.policy == "none" or self.budget == 1
+
+    def grow_from(self, prompt_len):
+        """The computed-token count after which a layer only grows (``retained_count``'s
+        ``grow_from``): the prompt length with ``decode_evict: false``, else None (never).
+        Works on ints and numpy arrays of prompt lengths alike."""
+        return None if self.decode_evict else prompt_len
 
     @property
     def budget_is_fraction(self) -> bool:

@@ -22,6 +22,10 @@ Example (``B = 8``, ``I = 4``, ``bs = 4``)::
     R(C)   : 8  9 10 11  8  9     (grows to B + I - 1, compacts back to B)
     S(C)   : 0  0  0  0  1  1     (entry 0 is freed once 4 tokens are evicted)
 
+With ``decode_evict: false`` every function also takes ``grow_from`` (the
+prompt length, ``KVCompressConfig.grow_from``): past it a layer only grows,
+``R(C) = R(F) + (C - F)``, so ``S`` stops moving and the row keeps its pages.
+
 Nothing here talks to the other side: the scheduler's KV manager
 (``integration.kv_manager``) and the workers' metadata builders
 (``integration.step_plan``) call these same functions with ``(C, B, I, bs)``.
@@ -35,17 +39,17 @@ from vllm_kvcompress.policies.schedule import retained_count
 __all__ = ["retained_count", "evicted_count", "window_start", "live_blocks"]
 
 
-def evicted_count(num_computed, budget, interval):
+def evicted_count(num_computed, budget, interval, grow_from=None):
     """Tokens a layer has evicted once ``num_computed`` tokens are computed."""
-    return num_computed - retained_count(num_computed, budget, interval)
+    return num_computed - retained_count(num_computed, budget, interval, grow_from)
 
 
-def window_start(num_computed, budget, interval, block_size):
+def window_start(num_computed, budget, interval, block_size, grow_from=None):
     """First live block-table entry of a compressed layer (entries before it are freed)."""
-    return evicted_count(num_computed, budget, interval) // block_size
+    return evicted_count(num_computed, budget, interval, grow_from) // block_size
 
 
-def live_blocks(num_computed, num_new, budget, interval, block_size):
+def live_blocks(num_computed, num_new, budget, interval, block_size, grow_from=None):
     """Pages a request holds in a compressed group while it computes ``num_new`` tokens."""
     total_entries = -(-(num_computed + num_new) // block_size)
-    return total_entries - window_start(num_computed, budget, interval, block_size)
+    return total_entries - window_start(num_computed, budget, interval, block_size, grow_from)

@@ -549,7 +549,7 @@ def write_markdown(result: dict, path: Path, plots: Sequence[str] = ()) -> Path:
     runs = result["runs"]
     lines = ["# Quality: passkey (key stated 3x and once), multi-key retrieval and perplexity under KV eviction", "",
              "Produced by (from the repository root, `.venv` active):", "", "```bash", meta["command"], "```", "",
-             f"{meta['date']}, {meta['machine']}; model {meta['model']} (float32, greedy, seed {meta['seed']}); "
+             f"{meta['date']}, {meta['machine']}; model {meta['model']} (float32, greedy; prompt seed {meta['seed']}); "
              f"wall time {meta['runtime_s'] / 60:.1f} min. Retention = `--kv-budget` as a fraction of the prompt "
              f"(mean retained tokens per layer); \"full cache\" is vanilla vLLM (no `kv_compress` config), "
              f"same engine settings (page size {PAGE})."
@@ -722,6 +722,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--ppl-windows", type=int, default=None, help=f"4K perplexity windows (default {PPL_WINDOWS})")
     ap.add_argument("--ppl-len", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)}")
+    ap.add_argument("--seed", type=int, default=SEED,
+                    help=f"seed of the prompts: keys, essay offsets, distractor depths (default {SEED}); another "
+                         "seed gives a held-out prompt set, to check a default chosen on the default one")
     ap.add_argument("--kv", type=_kv_option, action="append", default=[], metavar="KEY=VALUE",
                     help="a kv_compress option for every policy run (repeatable), e.g. h2o_kernel=1 to measure "
                          "what a default that departs from a paper's reference buys")
@@ -776,12 +779,15 @@ def build_all_prompts(args) -> tuple[dict, Any]:
     tok = AutoTokenizer.from_pretrained(str(model_path()))
     hay = Haystack(tok, essays_text())
     prompts = dict(
-        passkey=passkey_prompts(hay, args.lengths, depth_grid(args.depths)) if "passkey" in args.tasks else [],
-        passkey_once=(passkey_prompts(hay, args.lengths, depth_grid(args.depths), needle=PASSKEY_ONCE_NEEDLE,
-                                      task="passkey_once") if "passkey_once" in args.tasks else []),
-        multikey=(multikey_prompts(hay, args.lengths, mid_depth_grid(args.multikey_depths))
+        passkey=(passkey_prompts(hay, args.lengths, depth_grid(args.depths), seed=args.seed)
+                 if "passkey" in args.tasks else []),
+        passkey_once=(passkey_prompts(hay, args.lengths, depth_grid(args.depths), seed=args.seed,
+                                      needle=PASSKEY_ONCE_NEEDLE, task="passkey_once")
+                      if "passkey_once" in args.tasks else []),
+        multikey=(multikey_prompts(hay, args.lengths, mid_depth_grid(args.multikey_depths), seed=args.seed)
                   if "multikey" in args.tasks else []),
-        ppl=ppl_windows(hay, args.ppl_windows, args.ppl_len) if "ppl" in args.tasks and args.ppl_windows else [],
+        ppl=(ppl_windows(hay, args.ppl_windows, args.ppl_len, seed=args.seed)
+             if "ppl" in args.tasks and args.ppl_windows else []),
     )
     return prompts, hay
 
@@ -815,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=shlex.join(["python", "-m", "vllm_kvcompress.eval", "quality", *(a for a in argv if a != "--resume")]),
         date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         machine=f"{os.cpu_count()} CPU cores ({platform.machine()}), vLLM CPU build",
-        model=MODEL_NAME, seed=SEED, runtime_s=0.0,
+        model=MODEL_NAME, seed=args.seed, runtime_s=0.0,
         policies=list(args.policies), retentions=list(args.retentions), lengths=list(args.lengths),
         passkey_depths=depth_grid(args.depths) if {"passkey", "passkey_once"} & set(args.tasks) else [],
         multikey_depths=mid_depth_grid(args.multikey_depths) if "multikey" in args.tasks else [],

@@ -2,7 +2,7 @@
 ``EngineArgs.from_cli_args``.
 
 Adds ``--kv-policy``, ``--kv-budget``, ``--kv-schedule``, ``--kv-recent-window``, ``--kv-sinks``,
-``--kv-compress-interval``, ``--kv-prefill-drop``, ``--kv-prefill-drop-from`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
+``--kv-compress-interval``, ``--kv-prefill-drop``, ``--kv-prefill-drop-from``, ``--kv-decode-evict`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
 (``vllm serve``, ``vllm bench ...``), and moves their values into
 ``additional_config["kv_compress"]`` — the same place offline users put them:
 ``LLM(..., additional_config={"kv_compress": {...}})``. Explicit flags override
@@ -28,6 +28,7 @@ FLAGS = {
     "kv_compress_interval": "compress_interval",
     "kv_prefill_drop": "prefill_drop",
     "kv_prefill_drop_from": "prefill_drop_from",
+    "kv_decode_evict": "decode_evict",
 }
 
 
@@ -55,6 +56,9 @@ def add_flags(parser) -> None:
     g.add_argument("--kv-prefill-drop-from", type=int, default=None, metavar="LAYER",
                    help="With --kv-prefill-drop: the first layer that computes fewer tokens; the layers before "
                         "it compute the whole prompt (default 1, the reference).")
+    g.add_argument("--kv-decode-evict", action=argparse.BooleanOptionalAction, default=None,
+                   help="Compact generated tokens into the budget (default). --no-kv-decode-evict: never evict "
+                        "after the prompt, the SnapKV reference (pages grow with the answer).")
     g.add_argument("--kv-config", default=None, metavar="FILE.yaml",
                    help="YAML file with a kv_compress mapping (see configs/); flags override it.")
 

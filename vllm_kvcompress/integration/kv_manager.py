@@ -40,6 +40,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         cfg = kv_cache_spec.compress_config
         self.interval = cfg.compress_interval
+        self.grow_from = cfg.grow_from
         self.num_layers = kv_cache_spec.num_layers_in_stage
         vc = get_current_vllm_config_or_none()
         self.max_chunk = vc.scheduler_config.max_num_batched_tokens if vc is not None else 1 << 20
@@ -68,11 +69,12 @@ class CompressedKVCacheManager(FullAttentionManager):
             return
         c = processed_computed_tokens
         budget = self.budget(num_prompt_tokens, request_id)
-        kept = paging.retained_count(c, budget, self.interval)
+        grow = self.grow_from(num_prompt_tokens)
+        kept = paging.retained_count(c, budget, self.interval, grow)
         prev_c, prev_kept = self.req_tokens.get(request_id, (0, 0))
         self.evicted_tokens += max((c - kept) - (prev_c - prev_kept), 0) * self.num_layers
         self.req_tokens[request_id] = (c, kept)
-        start = paging.window_start(c, budget, self.interval, self.block_size)
+        start = paging.window_start(c, budget, self.interval, self.block_size, grow)
         if start > 0:
             blocks = self.req_to_blocks[request_id]
             end = min(start, len(blocks))

@@ -34,11 +34,15 @@ UNBOUNDED: int = 1 << 60
 
 
 # ---------------------------------------------------------------------------- retained count
-def retained_count(num_computed, budget, interval):
+def retained_count(num_computed, budget, interval, grow_from=None):
     """Tokens a layer holds after a step that brought its computed context to ``num_computed``.
 
     ``C if C <= budget else budget + (C - budget) % interval``: a layer grows to
     ``budget + interval - 1`` and then compacts back to ``budget``.
+
+    ``grow_from`` (``KVCompressConfig.grow_from``: the prompt length with
+    ``decode_evict: false``, else None): past that many computed tokens the layer
+    never compacts again, ``R(C) = R(F) + (C - F)`` for ``C > F``.
 
     The one home of this rule (``vllm_kvcompress.paging`` derives the page
     window from it). Ints in, int out; numpy arrays (any argument) in, an int64
@@ -46,12 +50,14 @@ def retained_count(num_computed, budget, interval):
     """
     c = np.asarray(num_computed, dtype=np.int64)
     b = np.asarray(budget, dtype=np.int64)
-    held = np.where(c <= b, c, b + (c - b) % np.int64(interval))
+    f = c if grow_from is None else np.minimum(c, np.asarray(grow_from, dtype=np.int64))
+    held = np.where(f <= b, f, b + (f - b) % np.int64(interval)) + (c - f)
     return int(held) if held.ndim == 0 else held
 
 
 def max_slots(budget: int, interval: int, chunk: int) -> int:
-    """Most KV slots a layer ever needs during a step that computes ``chunk`` tokens."""
+    """Most KV slots a layer ever needs during a step that computes ``chunk`` tokens
+    (while it still compacts: with ``decode_evict: false`` it grows after the prompt)."""
     return budget + interval - 1 + chunk
 
 
