@@ -66,6 +66,7 @@ from bench_throughput import MIB, Runner, csv_list, parse_bytes  # noqa: E402
 
 REPO = HERE.parent
 COLUMNS = [("attn plain", "attention_plain"), ("attn compr", "attention"), ("fused decode", "fused_decode"),
+           ("fused prefill", "fused_prefill"),
            ("scoring", "scoring"), ("selection", "selection"), ("compaction", "compaction"),
            ("cache write", "cache_write"), ("metadata", "metadata_plugin"), ("rest", "rest")]
 

@@ -6,6 +6,9 @@
 //
 //   decode_attention_scores  paged decode attention (one query per request)
 //                            + H2O score accumulation in the same pass
+//   prefill_attention_scores paged attention of prefill chunks (any query count
+//                            per request, causal) + score accumulation of the
+//                            weighted queries from the same logits
 //   window_scores            prefill-chunk score accumulation (weighted,
 //                            causal queries against the request's window)
 //   compact_windows          per (request, KV head) move of the kept window
@@ -707,27 +710,34 @@ void decode_attention_scores(const at::Tensor& query, const at::Tensor& k_t, con
   }
 }
 
-// ---------------------------------------------------------------- (b) window scores
+// ---------------------------------------------------------------- (b) window scores / prefill attention
 
 struct WItem {
   int64_t i;       // request
   int h;           // KV head
-  int q0, q1;      // range in the request's weighted-query list
+  int q0, q1;      // range in the request's active-query list
   int64_t part;    // offset in the partial-sum buffer
   int plen;        // keys this item touches (max query slot + 1, <= L)
 };
 
+// One chunk of queries per request against its window (query k of request i at window
+// slot nr[i] + k, causal). out == nullptr: window_scores (only the queries with w > 0 are
+// computed, for the scores). out given: prefill attention of EVERY query into out, and
+// (acc given) the scores of the weighted ones from the same logits.
 template <typename T>
-static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, const PagedArgs& pa,
-                        const T* kbase, const int32_t* bt, int64_t sbt0, const int32_t* sl, const int32_t* nr,
-                        const float* w, double scale_d, float* acc) {
+static void chunk_impl(const at::Tensor& query, int64_t R, const int32_t* qs, const PagedArgs& pa,
+                       const T* kbase, const T* vbase, const int32_t* bt, int64_t sbt0, const int32_t* sl,
+                       const int32_t* nr, const float* w, double scale_d, float* acc, at::Tensor* out) {
   const int H = static_cast<int>(pa.H), D = static_cast<int>(pa.D), bs = static_cast<int>(pa.bs);
   const int G = static_cast<int>(query.size(1) / H);
   const T* q = query.data_ptr<T>();
   const int64_t sq0 = query.stride(0), sq1 = query.stride(1);
+  T* o = out != nullptr ? out->data_ptr<T>() : nullptr;
+  const int64_t so0 = out != nullptr ? out->stride(0) : 0, so1 = out != nullptr ? out->stride(1) : 0;
   const float scale = static_cast<float>(scale_d);
+  const bool scoring = acc != nullptr && w != nullptr;
 
-  // weighted queries of each request (local index k: token qs[i] + k, window slot nr[i] + k)
+  // active queries of each request (local index k: token qs[i] + k, window slot nr[i] + k)
   std::vector<int32_t> wq;
   std::vector<int64_t> wstart(R + 1, 0);
   std::vector<double> cost(R, 0.0);
@@ -735,9 +745,15 @@ static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, c
   for (int64_t i = 0; i < R; ++i) {
     wstart[i] = static_cast<int64_t>(wq.size());
     const int L = sl[i];
-    if (L <= 0) continue;
+    if (L <= 0) {  // an empty window: its queries' outputs are 0
+      if (o != nullptr)
+        for (int64_t t = qs[i]; t < qs[i + 1]; ++t)
+          for (int hq = 0; hq < H * G; ++hq)
+            for (int d = 0; d < D; ++d) o[t * so0 + hq * so1 + d] = static_cast<T>(0.f);
+      continue;
+    }
     for (int k = 0, n = qs[i + 1] - qs[i]; k < n; ++k) {
-      if (!(w[qs[i] + k] > 0.f)) continue;
+      if (o == nullptr && !(w[qs[i] + k] > 0.f)) continue;
       wq.push_back(k);
       cost[i] += std::min<int64_t>(static_cast<int64_t>(nr[i]) + k + 1, L);
     }
@@ -745,7 +761,7 @@ static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, c
   }
   wstart[R] = static_cast<int64_t>(wq.size());
 
-  // work items: (request, head, contiguous share of its weighted queries), split by cost
+  // work items: (request, head, contiguous share of its active queries), split by cost
   const int nthreads = at::get_num_threads();
   const double target = total > 0 ? total / (4.0 * nthreads) : 1.0;
   std::vector<WItem> items;
@@ -775,7 +791,7 @@ static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, c
         const int last = wq[wstart[i] + r.second - 1];
         const int plen = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(nr[i]) + last + 1, sl[i]));
         items.push_back(WItem{i, h, r.first, r.second, part_total, plen});
-        part_total += plen;
+        if (scoring) part_total += plen;
       }
     }
   }
@@ -794,7 +810,7 @@ static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, c
     const int L = sl[i];
     const int32_t* ks = wq.data() + wstart[i];
     const int32_t* btr = bt + i * sbt0;
-    float* pout = part.data() + item.part;
+    float* pout = scoring ? part.data() + item.part : nullptr;
     Scratch& s = scratch();
     for (int qa = item.q0; qa < item.q1; qa += QC) {
       const int qb = std::min(item.q1, qa + QC);
@@ -814,15 +830,34 @@ static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, c
         const T* kp = kbase + static_cast<int64_t>(btr[pg]) * pa.sk0 + h * pa.sk1;
         po.qk(qf, D, M, kp, bs, D, lg + static_cast<int64_t>(pg) * bs, ldl);
       }
+      float* inv = o != nullptr ? grow(s.f2, static_cast<size_t>(M) * (D + 1)) : nullptr;
       for (int r = 0; r < M; ++r) {
         const int qq = qa + r / G;
         const int n = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(nr[i]) + ks[qq] + 1, L));
         float* row = lg + r * ldl;
-        const float inv = softmax_unnormalized(row, n);
-        axpy(pout, row, w[qs[i] + ks[qq]] * inv / static_cast<float>(G), n);
+        const float rinv = softmax_unnormalized(row, n);
+        const float wq_ = w != nullptr ? w[qs[i] + ks[qq]] : 0.f;
+        if (scoring && wq_ > 0.f) axpy(pout, row, wq_ * rinv / static_cast<float>(G), n);
+        if (o != nullptr) {
+          inv[r] = rinv;
+          std::fill(row + n, row + kmax, 0.f);  // causal: later keys of the block weigh 0 in PV
+        }
+      }
+      if (o != nullptr) {
+        float* of = inv + M;
+        const T** vp = reinterpret_cast<const T**>(grow(s.p1, npg));
+        for (int pg = 0; pg < npg; ++pg) vp[pg] = vbase + static_cast<int64_t>(btr[pg]) * pa.sv0 + h * pa.sv1;
+        po.pvp(lg, ldl, M, vp, bs, D, kmax, of, D);
+        for (int r = 0; r < M; ++r) {
+          const int qq = qa + r / G, g = r % G;
+          T* orow = o + static_cast<int64_t>(qs[i] + ks[qq]) * so0 + static_cast<int64_t>(h * G + g) * so1;
+          const float* src = of + static_cast<int64_t>(r) * D;
+          for (int d = 0; d < D; ++d) orow[d] = static_cast<T>(src[d] * inv[r]);
+        }
       }
     }
   }
+  if (!scoring) return;
 
   const int64_t nih = R * H;
   nt = num_threads_for(nih);
@@ -847,11 +882,12 @@ static void window_impl(const at::Tensor& query, int64_t R, const int32_t* qs, c
   }
 }
 
-void window_scores(const at::Tensor& query, const at::Tensor& query_start, const at::Tensor& k_t,
-                   const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& num_retained,
-                   const at::Tensor& weights, double scale, const at::Tensor& acc, bool amx) {
-  const c10::optional<at::Tensor> acc_opt(acc);
-  const PagedArgs pa = check_paged(k_t, nullptr, acc_opt, amx);
+// shared argument checks of window_scores / prefill_attention_scores
+static PagedArgs check_chunk(const at::Tensor& query, const at::Tensor& query_start, const at::Tensor& k_t,
+                             const at::Tensor* v, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                             const at::Tensor& num_retained, const c10::optional<at::Tensor>& weights,
+                             const c10::optional<at::Tensor>& acc, bool amx) {
+  const PagedArgs pa = check_paged(k_t, v, acc, amx);
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.device().is_cpu(),
               "query must be a CPU [T, Hq, D] tensor with contiguous rows");
   TORCH_CHECK(query.scalar_type() == k_t.scalar_type(), "query dtype must match the cache dtype");
@@ -860,9 +896,10 @@ void window_scores(const at::Tensor& query, const at::Tensor& query_start, const
   check_int_vec(query_start, R + 1, "query_start", at::kInt);
   check_int_vec(seq_lens, R, "seq_lens", at::kInt);
   check_int_vec(num_retained, R, "num_retained", at::kInt);
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) >= query.size(0) && weights.scalar_type() == at::kFloat &&
-                  weights.is_contiguous(),
-              "weights must be float32 [T]");
+  if (weights.has_value() && weights->defined())
+    TORCH_CHECK(weights->dim() == 1 && weights->size(0) >= query.size(0) && weights->scalar_type() == at::kFloat &&
+                    weights->is_contiguous(),
+                "weights must be float32 [T]");
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= R && block_table.scalar_type() == at::kInt &&
                   block_table.stride(1) == 1,
               "block_table must be int32 [R, cols] with contiguous rows");
@@ -870,27 +907,64 @@ void window_scores(const at::Tensor& query, const at::Tensor& query_start, const
   for (int64_t i = 0; i < R; ++i)
     TORCH_CHECK(qs[i] >= 0 && qs[i] <= qs[i + 1] && qs[i + 1] <= query.size(0), "bad query_start");
   const int32_t* nr = num_retained.data_ptr<int32_t>();
-  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(nr[i] >= 0, "num_retained must be >= 0");
-  check_rows(block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.size(1), R,
-             seq_lens.data_ptr<int32_t>(), nullptr, pa.bs, pa.nb);
-  const int32_t* bt = block_table.data_ptr<int32_t>();
-  const int64_t sbt0 = block_table.stride(0);
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
-  const float* w = weights.data_ptr<float>();
-  float* accp = acc.data_ptr<float>();
+  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(nr[i] >= 0, "num_retained must be >= 0");
+  check_rows(block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.size(1), R, sl, nullptr, pa.bs,
+             pa.nb);
+  return pa;
+}
+
+template <typename T>
+static void chunk_dispatch(const at::Tensor& query, const at::Tensor& query_start, const PagedArgs& pa,
+                           const at::Tensor& k_t, const at::Tensor* v, const at::Tensor& block_table,
+                           const at::Tensor& seq_lens, const at::Tensor& num_retained, const float* w, double scale,
+                           float* acc, at::Tensor* out) {
+  chunk_impl<T>(query, seq_lens.size(0), query_start.data_ptr<int32_t>(), pa, k_t.data_ptr<T>(),
+                v != nullptr ? v->data_ptr<T>() : nullptr, block_table.data_ptr<int32_t>(), block_table.stride(0),
+                seq_lens.data_ptr<int32_t>(), num_retained.data_ptr<int32_t>(), w, scale, acc, out);
+}
+
+static void chunk_op(const at::Tensor& query, const at::Tensor& query_start, const at::Tensor& k_t,
+                     const at::Tensor* v, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                     const at::Tensor& num_retained, const c10::optional<at::Tensor>& weights, double scale,
+                     const c10::optional<at::Tensor>& acc, at::Tensor* out, bool amx) {
+  const PagedArgs pa = check_chunk(query, query_start, k_t, v, block_table, seq_lens, num_retained, weights, acc, amx);
+  const float* w = weights.has_value() && weights->defined() ? weights->data_ptr<float>() : nullptr;
+  float* accp = acc.has_value() && acc->defined() ? acc->data_ptr<float>() : nullptr;
   switch (query.scalar_type()) {
     case at::kFloat:
-      window_impl<float>(query, R, qs, pa, k_t.data_ptr<float>(), bt, sbt0, sl, nr, w, scale, accp);
+      chunk_dispatch<float>(query, query_start, pa, k_t, v, block_table, seq_lens, num_retained, w, scale, accp, out);
       break;
     case at::kBFloat16:
-      window_impl<c10::BFloat16>(query, R, qs, pa, k_t.data_ptr<c10::BFloat16>(), bt, sbt0, sl, nr, w, scale, accp);
+      chunk_dispatch<c10::BFloat16>(query, query_start, pa, k_t, v, block_table, seq_lens, num_retained, w, scale,
+                                    accp, out);
       break;
     case at::kHalf:
-      window_impl<c10::Half>(query, R, qs, pa, k_t.data_ptr<c10::Half>(), bt, sbt0, sl, nr, w, scale, accp);
+      chunk_dispatch<c10::Half>(query, query_start, pa, k_t, v, block_table, seq_lens, num_retained, w, scale, accp,
+                                out);
       break;
     default:
       TORCH_CHECK(false, "unsupported dtype ", query.scalar_type());
   }
+}
+
+void window_scores(const at::Tensor& query, const at::Tensor& query_start, const at::Tensor& k_t,
+                   const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& num_retained,
+                   const at::Tensor& weights, double scale, const at::Tensor& acc, bool amx) {
+  chunk_op(query, query_start, k_t, nullptr, block_table, seq_lens, num_retained, c10::optional<at::Tensor>(weights),
+           scale, c10::optional<at::Tensor>(acc), nullptr, amx);
+}
+
+void prefill_attention_scores(const at::Tensor& query, const at::Tensor& query_start, const at::Tensor& k_t,
+                              const at::Tensor& v, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                              const at::Tensor& num_retained, const c10::optional<at::Tensor>& weights, double scale,
+                              const c10::optional<at::Tensor>& acc, at::Tensor out, bool amx) {
+  TORCH_CHECK(out.dim() == 3 && out.size(0) >= query.size(0) && out.size(1) == query.size(1) &&
+                  out.size(2) == query.size(2) && out.stride(2) == 1 && out.scalar_type() == query.scalar_type(),
+              "out must be [T, Hq, D] like query, with contiguous rows");
+  TORCH_CHECK(!(acc.has_value() && acc->defined()) || (weights.has_value() && weights->defined()),
+              "acc needs weights");
+  chunk_op(query, query_start, k_t, &v, block_table, seq_lens, num_retained, weights, scale, acc, &out, amx);
 }
 
 // ---------------------------------------------------------------- (c) compaction
@@ -1084,6 +1158,10 @@ TORCH_LIBRARY(kvcompress, m) {
       "window_scores(Tensor query, Tensor query_start, Tensor k_t, Tensor block_table, Tensor seq_lens, "
       "Tensor num_retained, Tensor weights, float scale, Tensor(a!) acc, bool amx=False) -> ()");
   m.def(
+      "prefill_attention_scores(Tensor query, Tensor query_start, Tensor k_t, Tensor v, Tensor block_table, "
+      "Tensor seq_lens, Tensor num_retained, Tensor? weights, float scale, Tensor(a!)? acc, Tensor(b!) out, "
+      "bool amx=False) -> ()");
+  m.def(
       "compact_windows(Tensor(a!) k_t, Tensor(b!) v, Tensor(c!)? acc, Tensor block_table, Tensor old_start, "
       "Tensor new_start, Tensor kept, Tensor keep, Tensor? new_acc, bool amx=False) -> ()");
   m.def("simd_width() -> int", &kvc::simd_width);
@@ -1092,5 +1170,6 @@ TORCH_LIBRARY(kvcompress, m) {
 TORCH_LIBRARY_IMPL(kvcompress, CPU, m) {
   m.impl("decode_attention_scores", &kvc::decode_attention_scores);
   m.impl("window_scores", &kvc::window_scores);
+  m.impl("prefill_attention_scores", &kvc::prefill_attention_scores);
   m.impl("compact_windows", &kvc::compact_windows);
 }

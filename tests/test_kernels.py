@@ -312,6 +312,71 @@ def test_window_cpp_long_prefill_split(cpp):
     torch.testing.assert_close(layer.acc, acc_ref, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G,H,D,bs", [(1, 2, 64, 16), (3, 3, 64, 32), (4, 2, 128, 16)])
+@pytest.mark.parametrize("scored", [True, False])
+def test_prefill_attention_cpp(cpp, G, H, D, bs, dtype, scored):
+    """Fused prefill attention + scores vs the reference; its scores equal window_scores'."""
+    scale = D ** -0.5
+    layer, bt, starts, qs, lens, nr, q, w = window_case(G, H, D, bs, dtype, seed=7 * G + bs)
+    sbt = shift(bt, starts)
+    acc_ws = layer.acc.clone()
+    acc_ref = layer.acc.clone()
+    ref = ops.prefill_attention_scores_reference(q, qs, layer.k_t, layer.v, sbt, lens, nr, scale,
+                                                 w if scored else None, acc_ref if scored else None)
+    out = torch.zeros_like(q)
+    cpp.prefill_attention_scores(q, qs, layer.k_t, layer.v, sbt, lens, nr, w if scored else None, scale,
+                                 layer.acc if scored else None, out)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
+    if scored:
+        cpp.window_scores(q, qs, layer.k_t, sbt, lens, nr, w, scale, acc_ws)
+        torch.testing.assert_close(layer.acc, acc_ref, **ACC_TOL)
+        torch.testing.assert_close(layer.acc, acc_ws, **ACC_TOL)
+    else:
+        assert torch.equal(layer.acc, acc_ws)
+
+
+def test_prefill_attention_reference_matches_sdpa():
+    """The reference's causal prefill attention vs SDPA on gathered windows (query k of a
+    request sees window slots 0 .. num_retained + k)."""
+    G, H, D, bs, scale = 3, 3, 64, 16, 0.125
+    layer, bt, starts, qs, lens, nr, q, w = window_case(G, H, D, bs, torch.float32, seed=3)
+    out = ops.prefill_attention_scores_reference(q, qs, layer.k_t, layer.v, shift(bt, starts), lens, nr, scale)
+    for i in range(len(lens)):
+        for k in range(int(qs[i + 1] - qs[i])):
+            t = int(qs[i]) + k
+            want = _dense_attention(q[t], layer, bt[i], starts[i], int(nr[i]) + k + 1, scale)
+            torch.testing.assert_close(out[t], want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_attention_cpp_matches_vllm_attention(cpp):
+    """Our prefill attention vs vLLM's CPU attention kernel on the same paged cache (bf16,
+    chunks after retained slots, a one-token request in the batch)."""
+    vops = pytest.importorskip("vllm._custom_ops")
+    G, H, D, bs, dtype = 3, 3, 64, 32, torch.bfloat16
+    layer, bt, starts, qs, lens, nr, q, w = window_case(G, H, D, bs, dtype, seed=21)
+    nb = layer.v.shape[0]
+    # vLLM's [nb, H, 2*bs, D] "vec" pages: the key half is each k_t page's memory as [bs, D]
+    cache = torch.cat([layer.k_t.reshape(nb, H, bs, D), layer.v], dim=2)
+    sbt = shift(bt, starts)
+    R, Hq = len(lens), G * H
+    try:
+        md = vops.cpu_attn_get_scheduler_metadata(
+            num_reqs=R, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=lens, dtype=dtype, query_start_loc=qs,
+            causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False)
+        ref = torch.empty_like(q)
+        k_half, v_half = cache.chunk(2, dim=2)
+        vops.cpu_attention_with_kv_cache(
+            query=q, key_cache=k_half, value_cache=v_half, output=ref, query_start_loc=qs, seq_lens=lens,
+            scale=D ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1, block_table=sbt, softcap=0.0,
+            scheduler_metadata=md, s_aux=None)
+    except (AttributeError, RuntimeError) as exc:
+        pytest.skip(f"vLLM CPU attention not callable here: {exc}")
+    out = ops.prefill_attention_scores(q, qs, layer.k_t, layer.v, sbt, lens, nr, D ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------- (c) compaction
 
 

@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of the batched kernels and the page arithmetic.
 
-* C++ kernels (``ops.decode_attention_scores`` / ``window_scores`` /
+* C++ kernels (``ops.decode_attention_scores`` / ``window_scores`` / ``prefill_attention_scores`` /
   ``compact_windows`` with ``ops.impl_for("cpu") == "cpp"``) equal their torch
   references on generated shapes: page sizes 8/16/32, GQA 1-3, D 16/64, 1-4
   requests, window offsets, empty and full windows, zero weights, overlapping
@@ -285,6 +285,54 @@ def test_window_scores_cpp_matches_reference(cpp, spec):
     assert same_bits(cache, cache0)
     layer.acc.copy_(acc0)
     torch.testing.assert_close(acc_ref, brute_window(spec, layer, rows, qs, q), **BRUTE_TOL)
+
+
+def brute_attention(spec, layer, rows, qs, q):
+    """Causal attention of every query over its request's window, one query at a time (float64)."""
+    bs, G, H, D = spec["bs"], spec["G"], spec["H"], spec["D"]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i, ((nr, n, L, _), blocks) in enumerate(zip(spec["reqs"], rows)):
+        if L == 0:
+            continue
+        blk, off = window_slots(blocks, L, bs)
+        K = layer.k_t[blk, :, :, off].double()  # [L, H, D]
+        V = layer.v[blk, :, off].double()
+        for k in range(n):
+            vis = min(nr + k, L - 1) + 1
+            qv = q[int(qs[i]) + k].double()
+            for hq in range(H * G):
+                p = torch.softmax(K[:vis, hq // G] @ qv[hq] * spec["scale"], 0)
+                out[int(qs[i]) + k, hq] = p @ V[:vis, hq // G]
+    return out
+
+
+@bounded(120)
+@given(spec=window_specs(), scored=st.booleans())
+def test_prefill_attention_cpp_matches_reference(cpp, spec, scored):
+    """ops.prefill_attention_scores: the output of every query (and, scored, the same
+    score update as window_scores) vs the torch reference and a per-query brute force;
+    the cache is read only, rows of padding tokens are not written."""
+    cache, layer, bt, rows, qs, lens, nr, q, w = window_case(spec)
+    acc0 = layer.acc.clone()
+    acc_ref = acc0.clone()
+    T = int(qs[-1])
+    ref = ops.prefill_attention_scores_reference(q, qs, layer.k_t, layer.v, bt, lens, nr, spec["scale"],
+                                                 w if scored else None, acc_ref if scored else None)
+    cache0 = cache.clone()
+    out = torch.full_like(q, 7.0)
+    ops.prefill_attention_scores(q, qs, layer.k_t, layer.v, bt, lens, nr, spec["scale"], w if scored else None,
+                                 layer.acc if scored else None, out=out)
+    torch.testing.assert_close(out[:T], ref[:T], **ACC_TOL)
+    assert bool((out[T:] == 7.0).all())
+    assert same_bits(cache, cache0)
+    if scored:
+        torch.testing.assert_close(layer.acc, acc_ref, **ACC_TOL)
+        layer.acc.copy_(acc0)
+        ops.window_scores_reference(q, qs, layer.k_t, bt, lens, nr, w, spec["scale"], acc0)
+        torch.testing.assert_close(acc_ref, acc0, **ACC_TOL)
+    else:
+        assert same_bits(layer.acc, acc0)
+    torch.testing.assert_close(ref[:T].double(), brute_attention(spec, layer, rows, qs, q)[:T], **BRUTE_TOL)
 
 
 # ---------------------------------------------------------------- (c) compaction

@@ -14,6 +14,9 @@ reference beside each kernel):
   queries over each request's retained + new keys, folded into the float32
   score cache (prefill chunks; ``acc[p] += sum_q w_q * mean_g(probs[q, g, p])``:
   the H2O accumulator, the observation-window scores of PyramidInfer / SnapKV);
+* :func:`prefill_attention_scores` — paged causal attention of prefill chunks
+  with :func:`window_scores`'s update from the same logits (C++ and reference
+  only; the CPU backend's prefill path where it beats vLLM's attention);
 * :func:`compact_windows` — per request and KV head, move the kept slots'
   keys, values and scores to the front of the request's new window
   (``vllm_kvcompress.paging``).
@@ -411,6 +414,84 @@ def window_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Ten
         triton_window(query, query_start, k_t, block_table, seq_lens, num_retained, weights, scale, acc)
         return
     window_scores_reference(query, query_start, k_t, block_table, seq_lens, num_retained, weights, scale, acc)
+
+
+def prefill_attention_scores_reference(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Tensor,
+                                       v: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                                       num_retained: torch.Tensor, scale: float, weights: torch.Tensor | None = None,
+                                       acc: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference of :func:`prefill_attention_scores`: dense causal attention per
+    request over its window, then :func:`window_scores_reference` for the scores."""
+    T, Hq, D = query.shape
+    H, bs = k_t.shape[1], k_t.shape[3]
+    G = Hq // H
+    if out is None:
+        out = torch.empty_like(query)
+    qs = query_start.tolist()
+    lens = seq_lens.tolist()
+    nr = num_retained.tolist()
+    dev = query.device
+    for i in range(len(lens)):
+        n, L = qs[i + 1] - qs[i], lens[i]
+        if n == 0:
+            continue
+        if L <= 0:  # an empty window: outputs 0
+            out[qs[i]:qs[i + 1]] = 0
+            continue
+        j = torch.arange(L, device=dev)
+        blk, off = block_table[i].to(dev).long()[j // bs], j % bs
+        keys = k_t.permute(0, 3, 1, 2)[blk, off].to(torch.float32)  # [L, H, D]
+        vals = v.permute(0, 2, 1, 3)[blk, off].to(torch.float32)
+        q = query[qs[i]:qs[i + 1]].to(torch.float32).view(n, H, G, D)
+        logits = torch.einsum("nhgd,lhd->hgnl", q, keys) * scale
+        slot = nr[i] + torch.arange(n, device=dev)
+        logits = logits.masked_fill(j[None, :] > slot[:, None], float("-inf"))  # causal
+        probs = torch.softmax(logits, dim=-1)
+        o = torch.einsum("hgnl,lhd->nhgd", probs, vals).reshape(n, Hq, D)
+        out[qs[i]:qs[i + 1]] = o.to(out.dtype)
+    if acc is not None:
+        if weights is None:
+            raise ValueError("weights are required with acc")
+        window_scores_reference(query, query_start, k_t, block_table, seq_lens, num_retained, weights, scale, acc)
+    return out
+
+
+def prefill_attention_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
+                             block_table: torch.Tensor, seq_lens: torch.Tensor, num_retained: torch.Tensor,
+                             scale: float, weights: torch.Tensor | None = None, acc: torch.Tensor | None = None,
+                             out: torch.Tensor | None = None, amx: bool = False) -> torch.Tensor:
+    """Paged causal attention of prefill chunks fused with :func:`window_scores`.
+
+    Arguments as in :func:`window_scores` plus the value pages ``v``: query ``k``
+    of request ``i`` (window slot ``num_retained[i] + k``) attends to window slots
+    ``0 .. num_retained[i] + k``; its output goes to ``out`` [T, Hq, D] (query
+    dtype; a view of vLLM's output, written in place). With ``acc`` (and
+    ``weights``) the scores are updated exactly as :func:`window_scores` does,
+    from the same logits: H2O's every-query scoring then costs one extra
+    multiply-add per probability instead of a second attention pass.
+
+    C++ kernels (CPU) and the torch reference only: the CPU backend uses it where it
+    measures faster than vLLM's own attention (``integration.step_plan``).
+    """
+    impl = impl_for(query.device)
+    _check_amx(amx, impl)
+    if impl == "cpp":
+        if out is None:
+            out = torch.empty_like(query)
+        bt = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 \
+            else block_table.to(torch.int32).contiguous()
+        i32 = torch.int32
+        w = None if weights is None else weights.to(torch.float32).contiguous()
+        torch.ops.kvcompress.prefill_attention_scores(query, query_start.to(i32).contiguous(), k_t, v, bt,
+                                                      seq_lens.to(i32).contiguous(),
+                                                      num_retained.to(i32).contiguous(), w, float(scale), acc, out,
+                                                      amx)
+        return out
+    if amx:
+        lay = _amx_pages(k_t, v)
+        k_t, v = lay.k_t, lay.v
+    return prefill_attention_scores_reference(query, query_start, k_t, v, block_table, seq_lens, num_retained, scale,
+                                              weights, acc, out)
 
 
 def compact_windows_reference(k_t: torch.Tensor, v: torch.Tensor, acc: torch.Tensor | None,

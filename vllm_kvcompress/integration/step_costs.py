@@ -14,6 +14,7 @@ Categories (what is inside each ``with``):
 * ``attention`` / ``attention_plain``: vLLM's attention (``_attend``) on a
   compressed layer / an uncompressed layer (vanilla: every layer);
 * ``fused_decode``: ``ops.decode_attention_scores`` (pure decode, compressed layers);
+* ``fused_prefill``: ``ops.prefill_attention_scores`` (other steps of compressed layers);
 * ``scoring``: ``ops.window_scores``;
 * ``selection``: ``ops.read_scores`` + ``policies.compress_step`` in
   ``compaction.compact_requests`` (and ``prefill_drop``'s per-layer selection);
@@ -42,7 +43,7 @@ ENABLED: bool = os.environ.get(ENV, "0") == "1"
 KINDS = ("prefill", "decode", "idle")
 #: the timed parts of a step (``vllm_build`` lies inside ``metadata``; :func:`per_kind`
 #: counts it in ``rest``, with vLLM's other overhead)
-PARTS = ("attention", "attention_plain", "fused_decode", "scoring", "selection", "compaction", "cache_write",
+PARTS = ("attention", "attention_plain", "fused_decode", "fused_prefill", "scoring", "selection", "compaction", "cache_write",
          "metadata")
 
 _NULL = contextlib.nullcontext()

@@ -44,6 +44,12 @@ from vllm_kvcompress.policies import BasePolicy, get_policy
 # Pure decode steps of compressed layers run our fused attention+scores kernel
 # instead of vLLM's attention followed by a scoring pass (set 0 to compare).
 FUSED_DECODE = os.environ.get("VLLM_KVCOMPRESS_FUSED_DECODE", "1") == "1"
+# Other steps (prefill chunks, mixed batches) of compressed layers on "vec" pages run our
+# prefill attention kernel, which scores from the same logits (ops.prefill_attention_scores),
+# instead of vLLM's attention + ops.window_scores: on the CPUs measured it is faster than
+# vLLM's "vec" attention (docs/results/step_costs). Not on vLLM's "amx" pages, where vLLM's
+# AMX attention is the fast one. Set 0 to compare.
+FUSED_PREFILL = os.environ.get("VLLM_KVCOMPRESS_FUSED_PREFILL", "1") == "1"
 
 
 def score_cache_share(head_size: int, dtype: torch.dtype) -> float:
@@ -273,6 +279,19 @@ class CompressedImplMixin:
                                             out=output[:r].view(r, self.num_heads, self.head_size),
                                             amx=paged.amx)
             plan.scored = True
+        elif plan is not None and self._can_fuse_prefill(plan, n_tok, query.device, paged):
+            # our causal attention over each window; the weighted queries' scores from the same logits
+            if plan.weights is not None:
+                self._ensure_acc(paged)
+            with step_costs.timed("fused_prefill", query.device):
+                ops.prefill_attention_scores(query[:n_tok].view(n_tok, self.num_heads, self.head_size),
+                                             plan.on(query.device, "query_start"), paged.k_t, paged.v,
+                                             attn_metadata.block_table, attn_metadata.seq_lens,
+                                             plan.on(query.device, "retained"), self.scale,
+                                             plan.weights, self._acc if plan.weights is not None else None,
+                                             out=output[:n_tok].view(n_tok, self.num_heads, self.head_size),
+                                             amx=paged.amx)
+            plan.scored = plan.weights is not None
         else:
             with step_costs.timed("attention" if plan is not None else "attention_plain", query.device):
                 self._attend(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
@@ -291,11 +310,19 @@ class CompressedImplMixin:
             self._index = extract_layer_index(layer.layer_name)
         return self._index
 
+    def _plain_attention(self) -> bool:
+        """What our kernels implement: no soft cap, ALiBi, sliding window, sinks or quantized cache."""
+        return (not self.logits_soft_cap and self.alibi_slopes is None
+                and self.sliding_window in (-1, None, (-1, -1)) and self.sinks is None
+                and self.kv_cache_dtype == "auto")
+
     def _can_fuse(self, plan: StepPlan, n_tok: int, device: torch.device) -> bool:
         return (FUSED_DECODE and n_tok == len(plan.num_new)
-                and bool((plan.num_new == 1).all()) and not self.logits_soft_cap and self.alibi_slopes is None
-                and self.sliding_window in (-1, None, (-1, -1)) and self.sinks is None
-                and self.kv_cache_dtype == "auto" and ops.impl_for(device) != "reference")
+                and bool((plan.num_new == 1).all()) and self._plain_attention() and ops.impl_for(device) != "reference")
+
+    def _can_fuse_prefill(self, plan: StepPlan, n_tok: int, device: torch.device, paged: ops.PagedLayer) -> bool:
+        return (FUSED_PREFILL and n_tok == plan.num_tokens and not paged.amx and self._plain_attention()
+                and ops.impl_for(device) == "cpp")
 
     def _ensure_acc(self, paged: ops.PagedLayer) -> None:
         if self._acc is None:
