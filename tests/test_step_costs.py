@@ -175,3 +175,25 @@ def test_machine_record_fields(model_dir):
     assert rec["dtype"] in ("float32", "bfloat16")
     json.dumps(rec)
     assert rec["dtype"] in machine.describe(rec)
+
+
+@pytest.mark.parametrize("policy,fused", [("h2o", True), ("pyramid", False), ("snapkv", False)])
+def test_fused_prefill_chosen_where_most_queries_vote(policy, fused):
+    """The fused prefill kernel replaces vLLM's attention only where a second softmax pass
+    over most queries would follow (H2O's prefill); a window of voters keeps vLLM's."""
+    import numpy as np
+
+    from vllm_kvcompress.config import KVCompressConfig
+    from vllm_kvcompress.integration.step_plan import StepPlan
+    from vllm_kvcompress.policies import get_policy
+
+    pol = get_policy(KVCompressConfig(policy=policy, budget=0.25))
+    P = 1900
+    w = pol.query_weights(0, P, P, True, P)
+    z = np.zeros(1, dtype=np.int64)
+    plan = StepPlan(policy=pol, block_table=torch.zeros(1, 60, dtype=torch.int32), query_start=np.array([0, P]),
+                    num_new=np.array([P]), prompt_lens=np.array([P]), budget=np.array([475]), retained=z, start=z,
+                    retained_after=np.array([475]), start_after=np.array([1]), weights=w, block_size=32)
+    assert plan.mostly_scored is fused
+    plan.weights = None
+    assert plan.mostly_scored is False

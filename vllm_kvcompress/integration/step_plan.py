@@ -44,11 +44,13 @@ from vllm_kvcompress.policies import BasePolicy, get_policy
 # Pure decode steps of compressed layers run our fused attention+scores kernel
 # instead of vLLM's attention followed by a scoring pass (set 0 to compare).
 FUSED_DECODE = os.environ.get("VLLM_KVCOMPRESS_FUSED_DECODE", "1") == "1"
-# Other steps (prefill chunks, mixed batches) of compressed layers on "vec" pages run our
-# prefill attention kernel, which scores from the same logits (ops.prefill_attention_scores),
-# instead of vLLM's attention + ops.window_scores: on the CPUs measured it is faster than
-# vLLM's "vec" attention (docs/results/step_costs). Not on vLLM's "amx" pages, where vLLM's
-# AMX attention is the fast one. Set 0 to compare.
+# Other steps (prefill chunks, mixed batches) of compressed layers on "vec" pages whose
+# queries are mostly scored (H2O: every prompt query votes) run our prefill attention
+# kernel, which scores from the same logits (ops.prefill_attention_scores), instead of
+# vLLM's attention + a second softmax pass in ops.window_scores. Where only a window of
+# queries votes (PyramidInfer, SnapKV) vLLM's attention + the window's scores are as fast
+# or faster (measured: docs/results/step_costs, README), so they stay. Not on vLLM's
+# "amx" pages, where vLLM's AMX attention is the fast one. Set 0 to compare.
 FUSED_PREFILL = os.environ.get("VLLM_KVCOMPRESS_FUSED_PREFILL", "1") == "1"
 
 
@@ -89,6 +91,11 @@ class StepPlan:
     def num_tokens(self) -> int:
         """The step's true token count (vLLM may pad ``num_actual_tokens`` for CUDA graphs)."""
         return int(self.query_start[-1])
+
+    @property
+    def mostly_scored(self) -> bool:
+        """At least half of the step's queries carry a score weight (H2O's prefill)."""
+        return self.weights is not None and 2 * int((self.weights[: self.num_tokens] > 0).sum()) >= self.num_tokens
 
     @property
     def compact_rows(self) -> np.ndarray:
@@ -321,8 +328,8 @@ class CompressedImplMixin:
                 and bool((plan.num_new == 1).all()) and self._plain_attention() and ops.impl_for(device) != "reference")
 
     def _can_fuse_prefill(self, plan: StepPlan, n_tok: int, device: torch.device, paged: ops.PagedLayer) -> bool:
-        return (FUSED_PREFILL and n_tok == plan.num_tokens and not paged.amx and self._plain_attention()
-                and ops.impl_for(device) == "cpp")
+        return (FUSED_PREFILL and n_tok == plan.num_tokens and plan.mostly_scored and not paged.amx
+                and self._plain_attention() and ops.impl_for(device) == "cpp")
 
     def _ensure_acc(self, paged: ops.PagedLayer) -> None:
         if self._acc is None:
