@@ -960,8 +960,9 @@ void prefill_attention_scores(const at::Tensor& query, const at::Tensor& query_s
                               const at::Tensor& num_retained, const c10::optional<at::Tensor>& weights, double scale,
                               const c10::optional<at::Tensor>& acc, at::Tensor out, bool amx) {
   TORCH_CHECK(out.dim() == 3 && out.size(0) >= query.size(0) && out.size(1) == query.size(1) &&
-                  out.size(2) == query.size(2) && out.stride(2) == 1 && out.scalar_type() == query.scalar_type(),
-              "out must be [T, Hq, D] like query, with contiguous rows");
+                  out.size(2) == query.size(2) && out.stride(2) == 1 && out.scalar_type() == query.scalar_type() &&
+                  out.device().is_cpu(),
+              "out must be a CPU [T, Hq, D] tensor like query, with contiguous rows");
   TORCH_CHECK(!(acc.has_value() && acc->defined()) || (weights.has_value() && weights->defined()),
               "acc needs weights");
   chunk_op(query, query_start, k_t, &v, block_table, seq_lens, num_retained, weights, scale, acc, &out, amx);

@@ -211,6 +211,13 @@ def _check_amx(amx: bool, impl: str) -> None:
         raise ValueError("vLLM's CPU 'amx' pages are read by the C++ kernels and the torch reference only")
 
 
+def _int32_rows(block_table: torch.Tensor) -> torch.Tensor:
+    """The block table as the C++ kernels take it: int32 with contiguous rows (no copy if it is)."""
+    if block_table.dtype == torch.int32 and block_table.stride(-1) == 1:
+        return block_table
+    return block_table.to(torch.int32).contiguous()
+
+
 def impl_for(device: torch.device | str) -> str:
     """Which implementation the batched ops use for tensors on ``device``."""
     device = torch.device(device)
@@ -316,8 +323,7 @@ def decode_attention_scores(query: torch.Tensor, k_t: torch.Tensor, v: torch.Ten
     if impl == "cpp":
         if out is None:
             out = torch.empty_like(query)
-        bt = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 \
-            else block_table.to(torch.int32).contiguous()
+        bt = _int32_rows(block_table)
         w = None if weights is None else weights.to(torch.float32).contiguous()
         torch.ops.kvcompress.decode_attention_scores(query, k_t, v, bt, seq_lens.to(torch.int32).contiguous(),
                                                      float(scale), acc, w, out, amx)
@@ -401,8 +407,7 @@ def window_scores(query: torch.Tensor, query_start: torch.Tensor, k_t: torch.Ten
     if amx and impl != "cpp":
         k_t = _amx_pages(k_t, None).k_t
     if impl == "cpp":
-        bt = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 \
-            else block_table.to(torch.int32).contiguous()
+        bt = _int32_rows(block_table)
         i32 = torch.int32
         torch.ops.kvcompress.window_scores(query, query_start.to(i32).contiguous(), k_t, bt,
                                            seq_lens.to(i32).contiguous(), num_retained.to(i32).contiguous(),
@@ -478,8 +483,7 @@ def prefill_attention_scores(query: torch.Tensor, query_start: torch.Tensor, k_t
     if impl == "cpp":
         if out is None:
             out = torch.empty_like(query)
-        bt = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 \
-            else block_table.to(torch.int32).contiguous()
+        bt = _int32_rows(block_table)
         i32 = torch.int32
         w = None if weights is None else weights.to(torch.float32).contiguous()
         torch.ops.kvcompress.prefill_attention_scores(query, query_start.to(i32).contiguous(), k_t, v, bt,
@@ -546,8 +550,7 @@ def compact_windows(k_t: torch.Tensor, v: torch.Tensor, acc: torch.Tensor | None
         pack_amx(lay, k_t.view(nb, h, bs, d), v)
         return
     if impl == "cpp":
-        bt = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 \
-            else block_table.to(torch.int32).contiguous()
+        bt = _int32_rows(block_table)
         i64 = torch.long
         na = None if new_acc is None else new_acc.to(torch.float32)
         if na is not None and na.stride(-1) != 1:

@@ -8,6 +8,9 @@ never WHICH: it frees the pages in front of the compacted window, like vLLM's
 sliding-window manager frees pages that left the window, and caps admission by
 the most pages a request of this group can ever hold.
 
+With ``decode_evict: false`` a request's layers grow past the prompt
+(``grow_from``), so there is no admission cap: vLLM counts its tokens as usual.
+
 Prefix caching: a request that can never outgrow this group's budget (prompt +
 ``max_tokens`` <= budget) is never compacted, so its pages hold exactly what
 vanilla vLLM's would and are cached and shared as usual; pages of a request
@@ -41,6 +44,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         cfg = kv_cache_spec.compress_config
         self.interval = cfg.compress_interval
         self.grow_from = cfg.grow_from
+        self.decode_evict = cfg.decode_evict
         self.num_layers = kv_cache_spec.num_layers_in_stage
         vc = get_current_vllm_config_or_none()
         self.max_chunk = vc.scheduler_config.max_num_batched_tokens if vc is not None else 1 << 20
@@ -92,9 +96,11 @@ class CompressedKVCacheManager(FullAttentionManager):
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model,
                                    apply_admission_cap: bool = False, prefill_end: int = 0) -> int:
-        if apply_admission_cap and prefill_end > 0:
+        if apply_admission_cap and prefill_end > 0 and self.decode_evict:
             # Admission gate: the most pages a request of this group ever holds
             # (budget + compaction slack + one chunk + a partly used front page).
+            # With decode_evict false a request grows after its prompt (a resumed one
+            # holds its generated tokens too): no cap, admission counts tokens as vLLM does.
             budget = self.budget(prefill_end, request_id)
             cap = cdiv(budget + self.interval - 1 + self.max_chunk, self.block_size) + 1
             num_tokens = min(num_tokens, cap * self.block_size)

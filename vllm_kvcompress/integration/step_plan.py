@@ -49,7 +49,7 @@ FUSED_DECODE = os.environ.get("VLLM_KVCOMPRESS_FUSED_DECODE", "1") == "1"
 # kernel, which scores from the same logits (ops.prefill_attention_scores), instead of
 # vLLM's attention + a second softmax pass in ops.window_scores. Where only a window of
 # queries votes (PyramidInfer, SnapKV) vLLM's attention + the window's scores are as fast
-# or faster (measured: docs/results/step_costs, README), so they stay. Not on vLLM's
+# or faster (A/B: docs/results/fused_prefill_ab), so they stay. Not on vLLM's
 # "amx" pages, where vLLM's AMX attention is the fast one. Set 0 to compare.
 FUSED_PREFILL = os.environ.get("VLLM_KVCOMPRESS_FUSED_PREFILL", "1") == "1"
 
@@ -78,7 +78,7 @@ class StepPlan:
     weights: torch.Tensor | None  # [num_tokens] float32 query weights (None: policy ignores attention)
     block_size: int
     positions: torch.Tensor | None = None  # [num_tokens] true positions (TRACK_POSITIONS only)
-    scored: bool = False  # the fused decode kernel already folded this step's scores in
+    scored: bool = False  # this layer's fused kernel (decode or prefill) already folded the step's scores in
     # ---- prefill_drop (integration.prefill_drop)
     drop: prefill_drop.DropPlan | None = None  # the step's plan (set on the full-length metadata)
     reduced: object | None = None  # vLLM metadata for this group's layers that compute fewer tokens (prefill_drop)
@@ -270,6 +270,8 @@ class CompressedImplMixin:
             plan.drop = drop
             drop.bind(plan)
         n_tok = plan.num_tokens if plan is not None else attn_metadata.num_actual_tokens
+        if plan is not None:
+            plan.scored = False  # each layer decides: the plan is shared by the group's layers
         with step_costs.timed("cache_write", query.device):
             self._write_kv(layer, key[:n_tok], value[:n_tok], kv_cache, attn_metadata.slot_mapping[:n_tok])
         paged = self._views(kv_cache, layer)
@@ -328,7 +330,7 @@ class CompressedImplMixin:
                 and bool((plan.num_new == 1).all()) and self._plain_attention() and ops.impl_for(device) != "reference")
 
     def _can_fuse_prefill(self, plan: StepPlan, n_tok: int, device: torch.device, paged: ops.PagedLayer) -> bool:
-        return (FUSED_PREFILL and n_tok == plan.num_tokens and plan.mostly_scored and not paged.amx
+        return (FUSED_PREFILL and plan.mostly_scored and not paged.amx
                 and self._plain_attention() and ops.impl_for(device) == "cpp")
 
     def _ensure_acc(self, paged: ops.PagedLayer) -> None:
