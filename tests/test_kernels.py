@@ -91,6 +91,24 @@ def _dense_attention(query, layer, bt_row, start, n, scale):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)[:, 0]
 
 
+def _vllm_cpu_attention(vops, cache, q, qsl, lens, bt, H):
+    """vLLM's own CPU attention ("vec" pages ``cache`` [nb, H, 2*bs, D], causal, scale D^-1/2)."""
+    D = q.shape[-1]
+    try:
+        md = vops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(lens), num_heads=q.shape[1], num_kv_heads=H, head_dim=D, seq_lens=lens, dtype=q.dtype,
+            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False)
+        ref = torch.empty_like(q)
+        k_half, v_half = cache.chunk(2, dim=2)
+        vops.cpu_attention_with_kv_cache(
+            query=q, key_cache=k_half, value_cache=v_half, output=ref, query_start_loc=qsl, seq_lens=lens,
+            scale=D ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0,
+            scheduler_metadata=md, s_aux=None)
+    except (AttributeError, RuntimeError) as exc:
+        pytest.skip(f"vLLM CPU attention not callable here: {exc}")
+    return ref
+
+
 DECODE_LENS = {
     16: [1, 2, 15, 16, 17, 32, 47, 48, 49, 80],
     32: [1, 31, 32, 33, 64, 95, 97, 160],
@@ -175,20 +193,7 @@ def test_decode_cpp_matches_vllm_attention(cpp):
     vops = pytest.importorskip("vllm._custom_ops")
     G, H, D, bs, dtype = 3, 3, 64, 32, torch.bfloat16
     cache, layer, bt, starts, lens, q, w = decode_case(G, H, D, bs, dtype, seed=11, starts=[0] * 8)
-    R, Hq = len(lens), G * H
-    qsl = torch.arange(R + 1, dtype=torch.int32)
-    try:
-        md = vops.cpu_attn_get_scheduler_metadata(
-            num_reqs=R, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=lens, dtype=dtype, query_start_loc=qsl,
-            causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False)
-        ref = torch.empty_like(q)
-        k_half, v_half = cache.chunk(2, dim=2)
-        vops.cpu_attention_with_kv_cache(
-            query=q, key_cache=k_half, value_cache=v_half, output=ref, query_start_loc=qsl, seq_lens=lens,
-            scale=D ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0,
-            scheduler_metadata=md, s_aux=None)
-    except (AttributeError, RuntimeError) as exc:
-        pytest.skip(f"vLLM CPU attention not callable here: {exc}")
+    ref = _vllm_cpu_attention(vops, cache, q, torch.arange(len(lens) + 1, dtype=torch.int32), lens, bt, H)
     out = ops.decode_attention_scores(q, layer.k_t, layer.v, bt, lens, D ** -0.5, layer.acc, w)
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
 
@@ -360,19 +365,7 @@ def test_prefill_attention_cpp_matches_vllm_attention(cpp):
     # vLLM's [nb, H, 2*bs, D] "vec" pages: the key half is each k_t page's memory as [bs, D]
     cache = torch.cat([layer.k_t.reshape(nb, H, bs, D), layer.v], dim=2)
     sbt = shift(bt, starts)
-    R, Hq = len(lens), G * H
-    try:
-        md = vops.cpu_attn_get_scheduler_metadata(
-            num_reqs=R, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=lens, dtype=dtype, query_start_loc=qs,
-            causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False)
-        ref = torch.empty_like(q)
-        k_half, v_half = cache.chunk(2, dim=2)
-        vops.cpu_attention_with_kv_cache(
-            query=q, key_cache=k_half, value_cache=v_half, output=ref, query_start_loc=qs, seq_lens=lens,
-            scale=D ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1, block_table=sbt, softcap=0.0,
-            scheduler_metadata=md, s_aux=None)
-    except (AttributeError, RuntimeError) as exc:
-        pytest.skip(f"vLLM CPU attention not callable here: {exc}")
+    ref = _vllm_cpu_attention(vops, cache, q, qs, lens, sbt, H)
     out = ops.prefill_attention_scores(q, qs, layer.k_t, layer.v, sbt, lens, nr, D ** -0.5)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
