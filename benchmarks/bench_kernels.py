@@ -10,6 +10,9 @@ Timed per step over all layers (min and median of --reps steps):
 * ``kvc fused (C++)``  ops.decode_attention_scores: attention + score update
 * ``kvc attn only``    the same kernel without scores (acc=None)
 * ``torch reference``  ops.decode_attention_scores_reference (fewer reps)
+* a whole prompt's prefill (``--prompt``, default 1920 tokens, one layer): vLLM's
+  attention vs ``prefill_attention_scores`` unscored / last 20% scored / every query
+  scored, on the AVX512-BF16 dot path where it runs and on the float32 path
 * for scale: vLLM's attention over a 32-token chunk per request vs
   ``window_scores`` (scoring those 32 queries against the window), and
   ``compact_windows`` moving 3/4 of every request's window (every layer)
@@ -21,7 +24,7 @@ has AMX tiles (without them it would die of SIGILL, so it stays on "vec").
 
 Usage::
 
-    python benchmarks/bench_kernels.py [--threads 1] [--reqs 16] [--len 500] [--layers 30] [--amx]
+    python benchmarks/bench_kernels.py [--threads 1] [--reqs 16] [--len 500] [--layers 30] [--amx] [--prompt 1920]
 
 Not a test: prints a table. Timings on a shared machine are noisy: use
 --threads 1 when other jobs run.
@@ -60,6 +63,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt", type=int, default=1920,
+                    help="also time a whole prompt's prefill attention at this length (0: skip)")
     ap.add_argument("--amx", action="store_true", help='also time our kernels on "amx" pages (bf16, bs % 32 == 0)')
     args = ap.parse_args()
     if args.amx and (args.dtype != "bfloat16" or args.block_size % 32 or args.head_size % 32):
@@ -219,6 +224,8 @@ def main() -> None:
 
         rows.append(("compact_windows (amx pages)", *_timeit(compact_amx, max(3, args.reps // 2))))
 
+    prefill_rows = prefill_table(args, dt, scale) if args.prompt else []
+
     print(f"\ndecode step: {R} requests x ~{args.len} slots (mean {lens.float().mean():.0f}) x {NL} layers, "
           f"H_kv={H} Hq={Hq} D={D} {args.dtype} bs={bs}, torch threads={torch.get_num_threads()}, "
           f"ops impl={ops.impl_for('cpu')}, extension load/build {t_build:.1f} s, "
@@ -228,6 +235,67 @@ def main() -> None:
     for name, mn, med in rows:
         rel = f"{mn / base:8.2f}x" if base else ""
         print(f"{name:34s} {mn:9.2f} {med:10.2f} {rel:>9s}")
+    if prefill_rows:
+        print(f"\nprefill of one {args.prompt}-token prompt (one layer, causal, H_kv={H} Hq={Hq} D={D} {args.dtype} "
+              f"bs={bs}; ops.bf16_dot here: {ops.bf16_dot(dt, D)})")
+        print(f"{'':44s} {'min ms':>9s} {'median ms':>10s} {'min/vllm':>9s}")
+        for name, mn, med in prefill_rows:
+            print(f"{name:54s} {mn:9.2f} {med:10.2f} {mn / prefill_rows[0][1]:8.2f}x")
+
+
+def prefill_table(args, dt, scale) -> list:
+    """vLLM's "vec" attention over a whole prompt vs ops.prefill_attention_scores (no scores,
+    the last 20% of queries scored as PyramidInfer/SnapKV do, every query as H2O), on the
+    AVX512-BF16 dot path where it runs and on the float32 path (VLLM_KVCOMPRESS_CPU_BF16DOT=0)."""
+    import os
+
+    from vllm import _custom_ops as vops
+
+    from vllm_kvcompress import ops
+
+    L, H, Hq, D, bs = args.prompt, args.kv_heads, args.q_heads, args.head_size, args.block_size
+    nb = -(-L // bs) + 1
+    cache = torch.randn(nb, H, 2 * bs, D).to(dt)
+    k, v = cache.chunk(2, dim=2)
+    lay = ops.paged_view(k, v, torch.zeros(nb, H, bs))
+    bt = (torch.randperm(nb - 1) + 1).to(torch.int32)[None]
+    q = torch.randn(L, Hq, D).to(dt)
+    qs = torch.tensor([0, L], dtype=torch.int32)
+    lens, nr = torch.tensor([L], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    out = torch.empty_like(q)
+    md = vops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=lens, dtype=dt, query_start_loc=qs,
+        causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False)
+
+    def vllm_prefill():
+        vops.cpu_attention_with_kv_cache(
+            query=q, key_cache=k, value_cache=v, output=out, query_start_loc=qs, seq_lens=lens, scale=scale,
+            causal=True, alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0, scheduler_metadata=md,
+            s_aux=None)
+
+    reps = max(3, args.reps // 2)
+    rows = [("vllm attention", *_timeit(vllm_prefill, reps))]
+    tail = torch.zeros(L)
+    tail[-max(1, L // 5):] = 1.0
+    ones = torch.ones(L)
+    paths = [("bf16 dot", None), ("float32", "0")] if ops.bf16_dot(dt, D) else [("float32", None)]
+    for path, env in paths:
+        old = os.environ.get("VLLM_KVCOMPRESS_CPU_BF16DOT")
+        if env is not None:
+            os.environ["VLLM_KVCOMPRESS_CPU_BF16DOT"] = env
+        try:
+            for what, w in [("no scores", None), ("last 20% scored", tail), ("every query scored", ones)]:
+                acc = None if w is None else lay.acc
+                rows.append((f"kvc prefill attention, {what} ({path})", *_timeit(
+                    lambda w=w, acc=acc: ops.prefill_attention_scores(q, qs, lay.k_t, lay.v, bt, lens, nr, scale, w,
+                                                                      acc, out), reps)))
+        finally:
+            if env is not None:
+                if old is None:
+                    os.environ.pop("VLLM_KVCOMPRESS_CPU_BF16DOT")
+                else:
+                    os.environ["VLLM_KVCOMPRESS_CPU_BF16DOT"] = old
+    return rows
 
 
 if __name__ == "__main__":

@@ -103,6 +103,18 @@ def torch_isa() -> dict:
         return {"error": repr(e)}
 
 
+def bf16_dot(dtype: str, head_dim: int | None) -> bool | None:
+    """Whether our C++ prefill kernels run on AVX512-BF16 dot products here (ops.bf16_dot)."""
+    try:
+        import torch
+
+        from vllm_kvcompress import ops
+
+        return ops.bf16_dot(getattr(torch, dtype), head_dim or 0)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def git_commit() -> dict:
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -128,6 +140,7 @@ def machine_record(dtype: str, dtype_reason: str, model_dir, block_sizes=(32,)) 
     rec = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "isa_flags": cpu_flags(), "torch_isa": torch_isa(),
            "dtype": dtype, "dtype_reason": dtype_reason, "model_native_dtype": native_dtype(model_dir),
            "vllm_attn_isa": [attn_isa(dtype, bs, hd) for bs in block_sizes],
+           "kvcompress_bf16_dot": bf16_dot(dtype, hd),
            "platform": platform.platform(), "python": platform.python_version()}
     rec.update(git_commit())
     try:
@@ -149,5 +162,6 @@ def describe(rec: dict) -> str:
                     for x in rec["vllm_attn_isa"])
     return (f"{rec['cpu_count']} cores ({rec.get('cpu') or '?'}), ISA {flags}; torch avx512={t.get('avx512')} "
             f"amx_tile={t.get('amx_tile')}; vLLM CPU attention ISA {isa}; "
+            f"our prefill kernels {'bf16 dot products (avx512_bf16)' if rec.get('kvcompress_bf16_dot') else 'float32 FMA'}; "
             f"dtype {rec['dtype']} ({rec['dtype_reason']}); "
             f"commit {rec.get('git_commit') or '?'}{' (dirty)' if rec.get('git_dirty') else ''}")

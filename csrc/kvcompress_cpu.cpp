@@ -44,8 +44,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -225,6 +227,9 @@ struct Scratch {
   std::vector<int32_t> i0;
   std::vector<const void*> p0, p1;
   std::vector<uint8_t> b0, b1;
+  std::vector<uint16_t> h0, h1, h2;
+  std::vector<const uint16_t*> r0, r2;
+  std::vector<uint16_t*> r1;
 };
 static Scratch& scratch() {
   static thread_local Scratch s;
@@ -720,6 +725,242 @@ struct WItem {
   int plen;        // keys this item touches (max query slot + 1, <= L)
 };
 
+// ---------------------------------------------------------------- bf16 dot products (AVX512-BF16)
+// On bf16 "vec" pages, where the CPU has AVX512-BF16 (checked at run time; the rest of
+// the file keeps its AVX2 build), chunk_impl computes QK and PV with vdpbf16ps: two
+// bf16 products per float32 lane, accumulated in float32. Each work item first packs its
+// window into the two pair layouts vdpbf16ps needs (zero past the window):
+//   keys   kp[(b*(D/2) + j)*64 + 2*t + e] = K[32*b + t][2*j + e]   (t < 32: one 32-token block)
+//   values vp[(p*D + d)*2 + e]            = V[2*p + e][d]
+// Logits, softmax and scores stay float32 (as on the AVX2 path); only the probabilities
+// fed to PV are rounded to bf16 (as vLLM's own AMX path does). Needs D % 16 == 0.
+// VLLM_KVCOMPRESS_CPU_BF16DOT=0 turns it off (the AVX2 path then runs).
+#if defined(KVC_AVX2) && defined(__GNUC__) && defined(__x86_64__)
+#define KVC_BF16DOT 1
+#define KVC_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+static bool bf16dot_cpu() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+static bool bf16dot_on() {
+  const char* e = std::getenv("VLLM_KVCOMPRESS_CPU_BF16DOT");
+  return bf16dot_cpu() && !(e != nullptr && std::strcmp(e, "0") == 0);
+}
+
+static inline uint32_t word_at(const uint16_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
+}
+
+// pack window slots [0, n) of KV head h (pages bt row btr) into kp / vp (layouts above)
+KVC_BF16_TARGET static void pack_window_bf16(const uint16_t* kbase, const uint16_t* vbase, const int32_t* btr,
+                                             const PagedArgs& pa, int h, int n, uint16_t* kp, uint16_t* vp) {
+  const int D = static_cast<int>(pa.D), bs = static_cast<int>(pa.bs), D2 = D / 2;
+  const int nkb = (n + 31) / 32;
+  auto kpage = [&](int t) { return kbase + static_cast<int64_t>(btr[t / bs]) * pa.sk0 + h * pa.sk1; };
+  if (bs % 32 == 0) {
+    alignas(64) uint16_t lo[32], hi[32];
+    for (int t = 0; t < 16; ++t) {
+      lo[2 * t] = static_cast<uint16_t>(t), lo[2 * t + 1] = static_cast<uint16_t>(32 + t);
+      hi[2 * t] = static_cast<uint16_t>(16 + t), hi[2 * t + 1] = static_cast<uint16_t>(48 + t);
+    }
+    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+    for (int b = 0; b < nkb; ++b) {
+      const int t0 = 32 * b, cnt = std::min(32, n - t0);
+      const __mmask32 mask = cnt == 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << cnt) - 1u);
+      const uint16_t* src = kpage(t0) + t0 % bs;
+      uint16_t* dst = kp + static_cast<int64_t>(b) * D2 * 64;
+      for (int j = 0; j < D2; ++j) {
+        const __m512i ra = _mm512_maskz_loadu_epi16(mask, src + static_cast<int64_t>(2 * j) * bs);
+        const __m512i rb = _mm512_maskz_loadu_epi16(mask, src + static_cast<int64_t>(2 * j + 1) * bs);
+        _mm512_storeu_si512(dst + j * 64, _mm512_permutex2var_epi16(ra, ilo, rb));
+        _mm512_storeu_si512(dst + j * 64 + 32, _mm512_permutex2var_epi16(ra, ihi, rb));
+      }
+    }
+  } else {
+    for (int b = 0; b < nkb; ++b)
+      for (int j = 0; j < D2; ++j)
+        for (int t = 0; t < 32; ++t) {
+          const int s = 32 * b + t;
+          uint16_t* dst = kp + (static_cast<int64_t>(b) * D2 + j) * 64 + 2 * t;
+          for (int e = 0; e < 2; ++e)
+            dst[e] = s < n ? kpage(s)[static_cast<int64_t>(2 * j + e) * bs + s % bs] : uint16_t(0);
+        }
+  }
+  if (vp == nullptr) return;
+  alignas(64) uint16_t iv[32];
+  for (int d = 0; d < 16; ++d) iv[2 * d] = static_cast<uint16_t>(d), iv[2 * d + 1] = static_cast<uint16_t>(16 + d);
+  const __m512i vidx = _mm512_load_si512(iv);
+  auto vrow = [&](int t) {
+    return vbase + static_cast<int64_t>(btr[t / bs]) * pa.sv0 + h * pa.sv1 + static_cast<int64_t>(t % bs) * D;
+  };
+  for (int p = 0; 2 * p < n; ++p) {
+    const uint16_t* ra = vrow(2 * p);
+    const uint16_t* rb = 2 * p + 1 < n ? vrow(2 * p + 1) : nullptr;
+    uint16_t* dst = vp + static_cast<int64_t>(p) * 2 * D;
+    for (int c = 0; c < D; c += 16) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ra + c));
+      const __m256i b = rb != nullptr ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + c))
+                                      : _mm256_setzero_si256();
+      const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      _mm512_storeu_si512(dst + 2 * c, _mm512_permutexvar_epi16(vidx, ab));
+    }
+  }
+}
+
+// logits c[m][0..32) = scale * q_m . K[t] for the 32 tokens of one packed key block
+template <int MR>
+KVC_BF16_TARGET static inline void qk_dot_tile(const uint16_t* const* qr, const uint16_t* kb, int D2, float scale,
+                                               float* c, int64_t ldc) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int j = 0; j < D2; ++j) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + j * 64);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kb + j * 64 + 32);
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word_at(qr[m] + 2 * j)));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, k0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, k1);
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) {
+    _mm512_storeu_ps(c + m * ldc, _mm512_mul_ps(acc[m][0], sv));
+    _mm512_storeu_ps(c + m * ldc + 16, _mm512_mul_ps(acc[m][1], sv));
+  }
+}
+
+// out_m[d0 .. d0 + 16*NV) = bf16(inv_m * sum_p P_m[2p, 2p+1] . V[2p, 2p+1][d]) over npair token pairs
+template <int MR, int NV>
+KVC_BF16_TARGET static inline void pv_dot_tile(const uint16_t* const* pr, const uint16_t* vp, int D, int npair, int d0,
+                                               const float* inv, uint16_t* const* orow) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int p = 0; p < npair; ++p) {
+    __m512bh vv[NV];
+    const uint16_t* row = vp + static_cast<int64_t>(p) * 2 * D + 2 * d0;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vv[v] = (__m512bh)_mm512_loadu_si512(row + 32 * v);
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word_at(pr[m] + 2 * p)));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, vv[v]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) {
+    const __m512 s = _mm512_set1_ps(inv[m]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow[m] + d0 + 16 * v),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[m][v], s)));
+  }
+}
+
+template <int MR>
+KVC_BF16_TARGET static void pv_dot_rows(const uint16_t* const* pr, const uint16_t* vp, int D, int npair,
+                                        const float* inv, uint16_t* const* orow) {
+  int d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) pv_dot_tile<MR, 4>(pr, vp, D, npair, d0, inv, orow);
+  switch ((D - d0) / 16) {
+    case 3: pv_dot_tile<MR, 3>(pr, vp, D, npair, d0, inv, orow); break;
+    case 2: pv_dot_tile<MR, 2>(pr, vp, D, npair, d0, inv, orow); break;
+    case 1: pv_dot_tile<MR, 1>(pr, vp, D, npair, d0, inv, orow); break;
+    default: break;
+  }
+}
+
+// x[0..n) (float, n % 32 == 0) -> bf16 (round to nearest even)
+KVC_BF16_TARGET static void to_bf16(const float* x, int n, uint16_t* y) {
+  for (int j = 0; j < n; j += 32)
+    _mm512_storeu_si512(y + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(x + j)));
+}
+
+// rows [r0, r0 + cnt) in tiles of up to 6 (QK) or 6 (PV)
+template <typename F>
+static inline void by_tiles(int M, F&& f) {
+  int m = 0;
+  for (; m + 6 <= M; m += 6) f(std::integral_constant<int, 6>{}, m);
+  switch (M - m) {
+    case 5: f(std::integral_constant<int, 5>{}, m); break;
+    case 4: f(std::integral_constant<int, 4>{}, m); break;
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+#endif  // KVC_BF16DOT
+
+#ifdef KVC_BF16DOT
+// One work item of chunk_impl on the bf16 dot-product path (same contract as its loop body).
+KVC_BF16_TARGET static void chunk_item_bf16(const WItem& item, const uint16_t* q, int64_t sq0, int64_t sq1,
+                                            uint16_t* o, int64_t so0, int64_t so1, const int32_t* qs,
+                                            const int32_t* ks, const int32_t* nr, const int32_t* sl, const float* w,
+                                            int G, float scale, float* pout, const int32_t* btr, const PagedArgs& pa,
+                                            const uint16_t* kbase, const uint16_t* vbase) {
+  const int64_t i = item.i;
+  const int h = item.h, L = sl[i], D = static_cast<int>(pa.D), D2 = D / 2;
+  const int QC = std::max(1, 24 / G);  // queries per row block (QC * G query-head rows)
+  Scratch& s = scratch();
+  uint16_t* kp = grow(s.h0, static_cast<size_t>((item.plen + 31) / 32) * D2 * 64);
+  uint16_t* vp = o != nullptr ? grow(s.h1, static_cast<size_t>((item.plen + 1) / 2) * 2 * D) : nullptr;
+  pack_window_bf16(kbase, vbase, btr, pa, h, item.plen, kp, vp);
+  const uint16_t** qr = grow(s.r0, static_cast<size_t>(QC) * G);
+  uint16_t** orow = grow(s.r1, static_cast<size_t>(QC) * G);
+  const uint16_t** pr = grow(s.r2, static_cast<size_t>(QC) * G);
+  for (int qa = item.q0; qa < item.q1; qa += QC) {
+    const int qb = std::min(item.q1, qa + QC);
+    const int M = (qb - qa) * G;
+    const int kmax = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(nr[i]) + ks[qb - 1] + 1, L));
+    const int nkb = (kmax + 31) / 32;
+    const int64_t ldl = static_cast<int64_t>(nkb) * 32;
+    float* lg = grow(s.f1, static_cast<size_t>(M) * ldl);
+    for (int r = 0; r < M; ++r) {
+      const int64_t tok = qs[i] + ks[qa + r / G], hq = static_cast<int64_t>(h) * G + r % G;
+      qr[r] = q + tok * sq0 + hq * sq1;
+      if (o != nullptr) orow[r] = o + tok * so0 + hq * so1;
+    }
+    by_tiles(M, [&](auto mr, int m0) {
+      for (int b = 0; b < nkb; ++b)
+        qk_dot_tile<decltype(mr)::value>(qr + m0, kp + static_cast<int64_t>(b) * D2 * 64, D2, scale,
+                                         lg + m0 * ldl + 32 * b, ldl);
+    });
+    float* inv = grow(s.f2, static_cast<size_t>(M));
+    for (int r = 0; r < M; ++r) {
+      const int qq = qa + r / G;
+      const int n = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(nr[i]) + ks[qq] + 1, L));
+      float* row = lg + r * ldl;
+      const float rinv = softmax_unnormalized(row, n);
+      const float wq_ = w != nullptr ? w[qs[i] + ks[qq]] : 0.f;
+      if (pout != nullptr && wq_ > 0.f) axpy(pout, row, wq_ * rinv / static_cast<float>(G), n);
+      inv[r] = rinv;
+      std::fill(row + n, row + ldl, 0.f);  // causal: later keys of the block weigh 0 in PV
+    }
+    if (o == nullptr) continue;
+    uint16_t* pb = grow(s.h2, static_cast<size_t>(M) * ldl);
+    for (int r = 0; r < M; ++r) {
+      to_bf16(lg + r * ldl, static_cast<int>(ldl), pb + r * ldl);
+      pr[r] = pb + r * ldl;
+    }
+    const int npair = (kmax + 1) / 2;
+    by_tiles(M, [&](auto mr, int m0) {
+      pv_dot_rows<decltype(mr)::value>(pr + m0, vp, D, npair, inv + m0, orow + m0);
+    });
+  }
+}
+#endif
+
 // One chunk of queries per request against its window (query k of request i at window
 // slot nr[i] + k, causal). out == nullptr: window_scores (only the queries with w > 0 are
 // computed, for the scores). out given: prefill attention of EVERY query into out, and
@@ -801,6 +1042,9 @@ static void chunk_impl(const at::Tensor& query, int64_t R, const int32_t* qs, co
   const int64_t nitems = static_cast<int64_t>(items.size());
   const int QC = std::max(1, 16 / G);  // queries per row block (QC * G query-head rows)
   const PageOps<T> po{pa.amx};
+#ifdef KVC_BF16DOT
+  const bool dot = std::is_same<T, c10::BFloat16>::value && !pa.amx && D % 16 == 0 && bf16dot_on();
+#endif
   int nt = num_threads_for(nitems);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t it = 0; it < nitems; ++it) {
@@ -811,6 +1055,14 @@ static void chunk_impl(const at::Tensor& query, int64_t R, const int32_t* qs, co
     const int32_t* ks = wq.data() + wstart[i];
     const int32_t* btr = bt + i * sbt0;
     float* pout = scoring ? part.data() + item.part : nullptr;
+#ifdef KVC_BF16DOT
+    if (dot) {
+      auto u16 = [](auto* p) { return reinterpret_cast<uint16_t*>(const_cast<std::remove_const_t<T>*>(p)); };
+      chunk_item_bf16(item, u16(q), sq0, sq1, o != nullptr ? u16(o) : nullptr, so0, so1, qs, ks, nr, sl, w, G, scale,
+                      pout, btr, pa, u16(kbase), vbase != nullptr ? u16(vbase) : nullptr);
+      continue;
+    }
+#endif
     Scratch& s = scratch();
     for (int qa = item.q0; qa < item.q1; qa += QC) {
       const int qb = std::min(item.q1, qa + QC);
@@ -1141,6 +1393,14 @@ void compact_windows(const at::Tensor& k_t, const at::Tensor& v, const c10::opti
   }
 }
 
+bool bf16_dot() {
+#ifdef KVC_BF16DOT
+  return bf16dot_on();
+#else
+  return false;
+#endif
+}
+
 int64_t simd_width() {
 #ifdef KVC_AVX2
   return 8;
@@ -1166,6 +1426,7 @@ TORCH_LIBRARY(kvcompress, m) {
       "compact_windows(Tensor(a!) k_t, Tensor(b!) v, Tensor(c!)? acc, Tensor block_table, Tensor old_start, "
       "Tensor new_start, Tensor kept, Tensor keep, Tensor? new_acc, bool amx=False) -> ()");
   m.def("simd_width() -> int", &kvc::simd_width);
+  m.def("bf16_dot() -> bool", &kvc::bf16_dot);
 }
 
 TORCH_LIBRARY_IMPL(kvcompress, CPU, m) {

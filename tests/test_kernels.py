@@ -342,6 +342,39 @@ def test_prefill_attention_cpp(cpp, G, H, D, bs, dtype, scored):
         assert torch.equal(layer.acc, acc_ws)
 
 
+@pytest.mark.parametrize("G,H,D,bs", [(3, 3, 64, 32), (1, 2, 128, 64), (2, 1, 80, 128), (3, 1, 64, 16)])
+def test_prefill_bf16_dot_path(cpp, monkeypatch, G, H, D, bs):
+    """bf16 "vec" pages on a CPU with AVX512-BF16 run QK / PV on vdpbf16ps (keys and values
+    packed into dot pairs per work item, probabilities rounded to bf16 for PV): outputs vs
+    the reference and the AVX2 float path (VLLM_KVCOMPRESS_CPU_BF16DOT=0), scores and
+    window_scores equal to the float path's to float32 rounding. D=80 covers a 16-dim tail
+    tile, bs=16 the scalar key packing, bs=64/128 pages holding several 32-token blocks."""
+    if not cpp.bf16_dot():
+        pytest.skip("CPU without AVX512-BF16 (or VLLM_KVCOMPRESS_CPU_BF16DOT=0): the dot path does not run")
+    scale = D ** -0.5
+    layer, bt, starts, qs, lens, nr, q, w = window_case(G, H, D, bs, torch.bfloat16, seed=11 * G + bs)
+    sbt = shift(bt, starts)
+    acc0 = layer.acc.clone()
+    ref = ops.prefill_attention_scores_reference(q, qs, layer.k_t, layer.v, sbt, lens, nr, scale, w, acc0.clone())
+
+    def run():
+        acc, acc_ws, out = acc0.clone(), acc0.clone(), torch.zeros_like(q)
+        cpp.prefill_attention_scores(q, qs, layer.k_t, layer.v, sbt, lens, nr, w, scale, acc, out)
+        cpp.window_scores(q, qs, layer.k_t, sbt, lens, nr, w, scale, acc_ws)
+        return out, acc, acc_ws
+
+    out, acc, acc_ws = run()
+    monkeypatch.setenv("VLLM_KVCOMPRESS_CPU_BF16DOT", "0")
+    assert not cpp.bf16_dot()
+    out_f, acc_f, acc_ws_f = run()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), out_f.float(), rtol=1e-2, atol=1e-2)
+    assert not torch.equal(out, out_f)  # the two paths did run different code
+    torch.testing.assert_close(acc, acc_f, **ACC_TOL)
+    torch.testing.assert_close(acc_ws, acc_ws_f, **ACC_TOL)
+    torch.testing.assert_close(acc, acc_ws, **ACC_TOL)
+
+
 def test_prefill_attention_reference_matches_sdpa():
     """The reference's causal prefill attention vs SDPA on gathered windows (query k of a
     request sees window slots 0 .. num_retained + k)."""

@@ -177,14 +177,18 @@ def test_machine_record_fields(model_dir):
     assert rec["dtype"] in machine.describe(rec)
 
 
-@pytest.mark.parametrize("policy,fused", [("h2o", True), ("pyramid", False), ("snapkv", False)])
-def test_fused_prefill_chosen_where_most_queries_vote(policy, fused):
-    """The fused prefill kernel replaces vLLM's attention only where a second softmax pass
-    over most queries would follow (H2O's prefill); a window of voters keeps vLLM's."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["h2o", "pyramid", "snapkv"])
+def test_fused_prefill_chosen_where_it_is_faster(policy, dtype):
+    """The fused prefill kernel replaces vLLM's attention where a second softmax pass over
+    most queries would follow (H2O's prefill), and on bf16 pages wherever our kernels run on
+    AVX512-BF16 dot products (ops.bf16_dot); float32 pages with a window of voters
+    (PyramidInfer, SnapKV) keep vLLM's attention; "amx" pages always do."""
     import numpy as np
 
+    from vllm_kvcompress import ops
     from vllm_kvcompress.config import KVCompressConfig
-    from vllm_kvcompress.integration.step_plan import StepPlan
+    from vllm_kvcompress.integration.step_plan import StepPlan, fuse_prefill
     from vllm_kvcompress.policies import get_policy
 
     pol = get_policy(KVCompressConfig(policy=policy, budget=0.25))
@@ -194,6 +198,13 @@ def test_fused_prefill_chosen_where_most_queries_vote(policy, fused):
     plan = StepPlan(policy=pol, block_table=torch.zeros(1, 60, dtype=torch.int32), query_start=np.array([0, P]),
                     num_new=np.array([P]), prompt_lens=np.array([P]), budget=np.array([475]), retained=z, start=z,
                     retained_after=np.array([475]), start_after=np.array([1]), weights=w, block_size=32)
-    assert plan.mostly_scored is fused
+    assert plan.mostly_scored is (policy == "h2o")
+    if ops.impl_for("cpu") != "cpp":
+        pytest.skip("the fused prefill kernel is C++ only")
+    k, v = torch.zeros(4, 3, 64, 64, dtype=dtype).chunk(2, dim=2)
+    dot = dtype == torch.bfloat16 and ops.bf16_dot(dtype, 64)
+    assert fuse_prefill(plan, ops.paged_view(k, v, None)) is (policy == "h2o" or dot)
+    assert fuse_prefill(plan, ops.paged_view(k, v, None, amx=dtype == torch.bfloat16)) is (
+        dtype != torch.bfloat16 and policy == "h2o")
     plan.weights = None
     assert plan.mostly_scored is False

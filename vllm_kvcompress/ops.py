@@ -218,6 +218,17 @@ def _int32_rows(block_table: torch.Tensor) -> torch.Tensor:
     return block_table.to(torch.int32).contiguous()
 
 
+def bf16_dot(dtype: torch.dtype, head_size: int) -> bool:
+    """Whether the C++ chunk kernels (:func:`prefill_attention_scores`, :func:`window_scores`)
+    run QK / PV on AVX512-BF16 dot products for this cache: bf16 "vec" pages, head size
+    % 16 == 0, a CPU with avx512_bf16 and ``VLLM_KVCOMPRESS_CPU_BF16DOT`` not ``0``. The
+    inputs are the same bf16 values either way (float32 logits, softmax and scores); the
+    dot path rounds the probabilities fed to PV to bf16, as vLLM's AMX attention does."""
+    if dtype != torch.bfloat16 or head_size % 16 or impl_for("cpu") != "cpp":
+        return False
+    return bool(torch.ops.kvcompress.bf16_dot())
+
+
 def impl_for(device: torch.device | str) -> str:
     """Which implementation the batched ops use for tensors on ``device``."""
     device = torch.device(device)

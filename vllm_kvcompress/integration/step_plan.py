@@ -44,13 +44,16 @@ from vllm_kvcompress.policies import BasePolicy, get_policy
 # Pure decode steps of compressed layers run our fused attention+scores kernel
 # instead of vLLM's attention followed by a scoring pass (set 0 to compare).
 FUSED_DECODE = os.environ.get("VLLM_KVCOMPRESS_FUSED_DECODE", "1") == "1"
-# Other steps (prefill chunks, mixed batches) of compressed layers on "vec" pages whose
-# queries are mostly scored (H2O: every prompt query votes) run our prefill attention
-# kernel, which scores from the same logits (ops.prefill_attention_scores), instead of
-# vLLM's attention + a second softmax pass in ops.window_scores. Where only a window of
-# queries votes (PyramidInfer, SnapKV) vLLM's attention + the window's scores are as fast
-# or faster (A/B: docs/results/fused_prefill_ab), so they stay. Not on vLLM's
-# "amx" pages, where vLLM's AMX attention is the fast one. Set 0 to compare.
+# Other steps (prefill chunks, mixed batches) of compressed layers on "vec" pages run our
+# prefill attention kernel, which scores from the same logits
+# (ops.prefill_attention_scores), instead of vLLM's attention + a second softmax pass in
+# ops.window_scores, where it measures faster: when the queries are mostly scored (H2O:
+# every prompt query votes), and on bf16 pages where the CPU has AVX512-BF16
+# (ops.bf16_dot: vdpbf16ps QK / PV, ~1.9x vLLM's "vec" attention on a 1.9K prompt,
+# benchmarks/bench_kernels.py). Float32 pages where only a window of queries votes
+# (PyramidInfer, SnapKV) keep vLLM's attention + the window's scores (A/B:
+# docs/results/fused_prefill_ab). Not on vLLM's "amx" pages, where vLLM's AMX attention
+# is the fast one. Set 0 to compare.
 FUSED_PREFILL = os.environ.get("VLLM_KVCOMPRESS_FUSED_PREFILL", "1") == "1"
 
 
@@ -111,6 +114,15 @@ class StepPlan:
             src = torch.from_numpy(src) if isinstance(src, np.ndarray) else src
             t = self._device[key] = src.to(device, non_blocking=True)
         return t
+
+
+def fuse_prefill(plan: StepPlan, paged: ops.PagedLayer) -> bool:
+    """Whether a non-decode step of a compressed layer (plain attention) runs
+    ops.prefill_attention_scores instead of vLLM's attention + ops.window_scores
+    (see FUSED_PREFILL): C++ kernels on "vec" pages, and most queries scored or the
+    AVX512-BF16 dot path available for this cache."""
+    return (FUSED_PREFILL and not paged.amx and ops.impl_for(paged.v.device) == "cpp"
+            and (plan.mostly_scored or ops.bf16_dot(paged.v.dtype, paged.v.shape[-1])))
 
 
 class CompressedBuilderMixin:
@@ -330,8 +342,7 @@ class CompressedImplMixin:
                 and bool((plan.num_new == 1).all()) and self._plain_attention() and ops.impl_for(device) != "reference")
 
     def _can_fuse_prefill(self, plan: StepPlan, n_tok: int, device: torch.device, paged: ops.PagedLayer) -> bool:
-        return (FUSED_PREFILL and plan.mostly_scored and not paged.amx
-                and self._plain_attention() and ops.impl_for(device) == "cpp")
+        return self._plain_attention() and fuse_prefill(plan, paged)
 
     def _ensure_acc(self, paged: ops.PagedLayer) -> None:
         if self._acc is None:
