@@ -726,10 +726,11 @@ struct WItem {
 };
 
 // ---------------------------------------------------------------- bf16 dot products (AVX512-BF16)
-// On bf16 "vec" pages, where the CPU has AVX512-BF16 (checked at run time; the rest of
-// the file keeps its AVX2 build), chunk_impl computes QK and PV with vdpbf16ps: two
-// bf16 products per float32 lane, accumulated in float32. Each work item first packs its
-// window into the two pair layouts vdpbf16ps needs (zero past the window):
+// On bf16 pages, where the CPU has AVX512-BF16 (checked at run time; the rest of the
+// file keeps its AVX2 build), chunk_impl computes QK and PV with vdpbf16ps: two bf16
+// products per float32 lane, accumulated in float32. Each work item first packs its
+// window into the two pair layouts vdpbf16ps needs (zero past the window; "amx" pages
+// already hold 16-token / 16-dim halves of them, so they are copied):
 //   keys   kp[(b*(D/2) + j)*64 + 2*t + e] = K[32*b + t][2*j + e]   (t < 32: one 32-token block)
 //   values vp[(p*D + d)*2 + e]            = V[2*p + e][d]
 // Logits, softmax and scores stay float32 (as on the AVX2 path); only the probabilities
@@ -741,7 +742,8 @@ struct WItem {
 
 static bool bf16dot_cpu() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 static bool bf16dot_on() {
@@ -761,7 +763,29 @@ KVC_BF16_TARGET static void pack_window_bf16(const uint16_t* kbase, const uint16
   const int D = static_cast<int>(pa.D), bs = static_cast<int>(pa.bs), D2 = D / 2;
   const int nkb = (n + 31) / 32;
   auto kpage = [&](int t) { return kbase + static_cast<int64_t>(btr[t / bs]) * pa.sk0 + h * pa.sk1; };
-  if (bs % 32 == 0) {
+  if (pa.amx) {  // "amx" pages already hold dot pairs (16-token key groups, 16-dim value groups): copy
+    for (int b = 0; b < nkb; ++b)
+      for (int half = 0; half < 2; ++half) {
+        const int t0 = 32 * b + 16 * half, cnt = std::max(0, std::min(16, n - t0));
+        const __mmask32 mask = cnt == 16 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (2 * cnt)) - 1u);
+        const uint16_t* grp = cnt > 0 ? kpage(t0) + static_cast<int64_t>(t0 % bs) * D : nullptr;
+        for (int j = 0; j < D2; ++j) {
+          uint16_t* dst = kp + (static_cast<int64_t>(b) * D2 + j) * 64 + 32 * half;
+          _mm512_storeu_si512(dst, cnt > 0 ? _mm512_maskz_loadu_epi16(mask, grp + j * 32) : _mm512_setzero_si512());
+        }
+      }
+    if (vp == nullptr) return;
+    for (int p = 0; 2 * p < n; ++p) {
+      const int t = 2 * p;
+      const __mmask32 mask = t + 1 < n ? ~__mmask32(0) : static_cast<__mmask32>(0x55555555u);  // odd tail: no 2nd
+      const uint16_t* pg = vbase + static_cast<int64_t>(btr[t / bs]) * pa.sv0 + h * pa.sv1 + (t % bs) / 2 * 32;
+      for (int c = 0; c < D; c += 16)
+        _mm512_storeu_si512(vp + static_cast<int64_t>(p) * 2 * D + 2 * c,
+                            _mm512_maskz_loadu_epi16(mask, pg + static_cast<int64_t>(c) * bs));
+    }
+    return;
+  }
+  if (bs % 16 == 0) {  // each 16-token half of a block lies in one page
     alignas(64) uint16_t lo[32], hi[32];
     for (int t = 0; t < 16; ++t) {
       lo[2 * t] = static_cast<uint16_t>(t), lo[2 * t + 1] = static_cast<uint16_t>(32 + t);
@@ -769,13 +793,23 @@ KVC_BF16_TARGET static void pack_window_bf16(const uint16_t* kbase, const uint16
     }
     const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
     for (int b = 0; b < nkb; ++b) {
-      const int t0 = 32 * b, cnt = std::min(32, n - t0);
-      const __mmask32 mask = cnt == 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << cnt) - 1u);
-      const uint16_t* src = kpage(t0) + t0 % bs;
+      const uint16_t* src[2];
+      __mmask16 mask[2];
+      for (int half = 0; half < 2; ++half) {
+        const int t0 = 32 * b + 16 * half, cnt = std::max(0, std::min(16, n - t0));
+        mask[half] = cnt == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cnt) - 1u);
+        src[half] = cnt > 0 ? kpage(t0) + t0 % bs : nullptr;
+      }
+      auto row = [&](int d) KVC_BF16_TARGET {  // tokens 32b .. 32b + 31 of key dim d, zero past n
+        const __m256i a = src[0] != nullptr ? _mm256_maskz_loadu_epi16(mask[0], src[0] + static_cast<int64_t>(d) * bs)
+                                            : _mm256_setzero_si256();
+        const __m256i c = src[1] != nullptr ? _mm256_maskz_loadu_epi16(mask[1], src[1] + static_cast<int64_t>(d) * bs)
+                                            : _mm256_setzero_si256();
+        return _mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1);
+      };
       uint16_t* dst = kp + static_cast<int64_t>(b) * D2 * 64;
       for (int j = 0; j < D2; ++j) {
-        const __m512i ra = _mm512_maskz_loadu_epi16(mask, src + static_cast<int64_t>(2 * j) * bs);
-        const __m512i rb = _mm512_maskz_loadu_epi16(mask, src + static_cast<int64_t>(2 * j + 1) * bs);
+        const __m512i ra = row(2 * j), rb = row(2 * j + 1);
         _mm512_storeu_si512(dst + j * 64, _mm512_permutex2var_epi16(ra, ilo, rb));
         _mm512_storeu_si512(dst + j * 64 + 32, _mm512_permutex2var_epi16(ra, ihi, rb));
       }
@@ -886,7 +920,7 @@ KVC_BF16_TARGET static void to_bf16(const float* x, int n, uint16_t* y) {
     _mm512_storeu_si512(y + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(x + j)));
 }
 
-// rows [r0, r0 + cnt) in tiles of up to 6 (QK) or 6 (PV)
+// f(tile rows, first row) over M rows in tiles of up to 6
 template <typename F>
 static inline void by_tiles(int M, F&& f) {
   int m = 0;
@@ -931,7 +965,7 @@ KVC_BF16_TARGET static void chunk_item_bf16(const WItem& item, const uint16_t* q
       qr[r] = q + tok * sq0 + hq * sq1;
       if (o != nullptr) orow[r] = o + tok * so0 + hq * so1;
     }
-    by_tiles(M, [&](auto mr, int m0) {
+    by_tiles(M, [&](auto mr, int m0) KVC_BF16_TARGET {
       for (int b = 0; b < nkb; ++b)
         qk_dot_tile<decltype(mr)::value>(qr + m0, kp + static_cast<int64_t>(b) * D2 * 64, D2, scale,
                                          lg + m0 * ldl + 32 * b, ldl);
@@ -944,6 +978,7 @@ KVC_BF16_TARGET static void chunk_item_bf16(const WItem& item, const uint16_t* q
       const float rinv = softmax_unnormalized(row, n);
       const float wq_ = w != nullptr ? w[qs[i] + ks[qq]] : 0.f;
       if (pout != nullptr && wq_ > 0.f) axpy(pout, row, wq_ * rinv / static_cast<float>(G), n);
+      if (o == nullptr) continue;
       inv[r] = rinv;
       std::fill(row + n, row + ldl, 0.f);  // causal: later keys of the block weigh 0 in PV
     }
@@ -954,7 +989,7 @@ KVC_BF16_TARGET static void chunk_item_bf16(const WItem& item, const uint16_t* q
       pr[r] = pb + r * ldl;
     }
     const int npair = (kmax + 1) / 2;
-    by_tiles(M, [&](auto mr, int m0) {
+    by_tiles(M, [&](auto mr, int m0) KVC_BF16_TARGET {
       pv_dot_rows<decltype(mr)::value>(pr + m0, vp, D, npair, inv + m0, orow + m0);
     });
   }
@@ -1043,7 +1078,7 @@ static void chunk_impl(const at::Tensor& query, int64_t R, const int32_t* qs, co
   const int QC = std::max(1, 16 / G);  // queries per row block (QC * G query-head rows)
   const PageOps<T> po{pa.amx};
 #ifdef KVC_BF16DOT
-  const bool dot = std::is_same<T, c10::BFloat16>::value && !pa.amx && D % 16 == 0 && bf16dot_on();
+  const bool dot = std::is_same<T, c10::BFloat16>::value && D % 16 == 0 && bf16dot_on();
 #endif
   int nt = num_threads_for(nitems);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)

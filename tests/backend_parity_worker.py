@@ -41,6 +41,10 @@ BUDGET = 96
 PAGES = os.environ.get("KVC_PARITY_PAGES", "")
 if PAGES == "amx":
     os.environ["VLLM_KVCOMPRESS_CPU_AMX"] = "1"
+if PAGES:
+    # layout parity compares the same arithmetic on both layouts: the AVX512-BF16 dot-product
+    # path runs on "vec" pages only, so it is off here (tests/test_kernels.py covers it)
+    os.environ["VLLM_KVCOMPRESS_CPU_BF16DOT"] = "0"
 
 
 def _torch_attend(self, layer, query, key, value, kv_cache, md, output, *args):

@@ -144,6 +144,12 @@ def test_cpp_decode_and_window_on_amx_pages(G, H, bs, D):
     ops.window_scores(qw, qs, amx.k_t, bt, sl, nr, wts, D ** -0.5, acc_a, amx=True)
     ops.window_scores_reference(qw, qs, vec.k_t, bt, sl, nr, wts, D ** -0.5, acc_v)
     torch.testing.assert_close(acc_a, acc_v, rtol=1e-4, atol=1e-6)
+    # the same chunks' causal attention + scores (the AVX512-BF16 dot path where the CPU has it)
+    acc_a, acc_v = acc0.clone(), acc0.clone()
+    out_a = ops.prefill_attention_scores(qw, qs, amx.k_t, amx.v, bt, sl, nr, D ** -0.5, wts, acc_a, amx=True)
+    out_v = ops.prefill_attention_scores_reference(qw, qs, vec.k_t, vec.v, bt, sl, nr, D ** -0.5, wts, acc_v)
+    torch.testing.assert_close(out_a.float(), out_v.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(acc_a, acc_v, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(not ext.available(), reason="C++ extension not built")

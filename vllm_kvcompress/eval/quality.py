@@ -299,8 +299,9 @@ def summarize_ppl(windows: list[dict], tail_from: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- engine side (worker subprocess)
-def engine_kwargs(policy: str, retention: float, kind: str, options: dict | None = None) -> dict:
-    kw: dict[str, Any] = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=KV_BYTES,
+def engine_kwargs(policy: str, retention: float, kind: str, options: dict | None = None,
+                  dtype: str = "float32") -> dict:
+    kw: dict[str, Any] = dict(dtype=dtype, enforce_eager=True, kv_cache_memory_bytes=KV_BYTES,
                               max_model_len=MAX_MODEL_LEN, seed=SEED, block_size=PAGE)
     if kind == "ppl":
         kw.update(max_num_batched_tokens=PAGE, enable_chunked_prefill=True)
@@ -431,10 +432,10 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
         t0 = time.perf_counter()
         jobs = []
         if any(prompts.get(t) for t in RETRIEVAL_TASKS):
-            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "retrieval", args.kv),
+            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "retrieval", args.kv, args.dtype),
                              **{t: [dict(ids=it["ids"]) for it in prompts.get(t, [])] for t in RETRIEVAL_TASKS}))
         if prompts["ppl"]:
-            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "ppl", args.kv),
+            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "ppl", args.kv, args.dtype),
                              ppl=[dict(ids=it["ids"]) for it in prompts["ppl"]], ppl_tail_from=tail_from))
         for job in jobs:
             res = run_in_subprocess(job, verbose=args.verbose)
@@ -549,7 +550,8 @@ def write_markdown(result: dict, path: Path, plots: Sequence[str] = ()) -> Path:
     runs = result["runs"]
     lines = ["# Quality: passkey (key stated 3x and once), multi-key retrieval and perplexity under KV eviction", "",
              "Produced by (from the repository root, `.venv` active):", "", "```bash", meta["command"], "```", "",
-             f"{meta['date']}, {meta['machine']}; model {meta['model']} (float32, greedy; prompt seed {meta['seed']}); "
+             f"{meta['date']}, {meta['machine']}; model {meta['model']} ({meta.get('engine', {}).get('retrieval', {}).get('dtype', 'float32')}, greedy; "
+             f"prompt seed {meta['seed']}); "
              f"wall time {meta['runtime_s'] / 60:.1f} min. Retention = `--kv-budget` as a fraction of the prompt "
              f"(mean retained tokens per layer); \"full cache\" is vanilla vLLM (no `kv_compress` config), "
              f"same engine settings (page size {PAGE})."
@@ -725,6 +727,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=SEED,
                     help=f"seed of the prompts: keys, essay offsets, distractor depths (default {SEED}); another "
                          "seed gives a held-out prompt set, to check a default chosen on the default one")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="model dtype of every engine (default float32; bfloat16 runs the bf16 kernels, e.g. the "
+                         "AVX512-BF16 prefill path where the CPU has it)")
     ap.add_argument("--kv", type=_kv_option, action="append", default=[], metavar="KEY=VALUE",
                     help="a kv_compress option for every policy run (repeatable), e.g. h2o_kernel=1 to measure "
                          "what a default that departs from a paper's reference buys")
@@ -826,7 +831,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         passkey_depths=depth_grid(args.depths) if {"passkey", "passkey_once"} & set(args.tasks) else [],
         multikey_depths=mid_depth_grid(args.multikey_depths) if "multikey" in args.tasks else [],
         ppl_windows=[dict(offset=w["offset"], tokens=len(w["ids"])) for w in prompts["ppl"]],
-        engine=dict(retrieval=engine_kwargs("full", 1.0, "retrieval"), ppl=engine_kwargs("full", 1.0, "ppl")),
+        engine=dict(retrieval=engine_kwargs("full", 1.0, "retrieval", dtype=args.dtype),
+                    ppl=engine_kwargs("full", 1.0, "ppl", dtype=args.dtype)),
         **({"kv_options": args.kv} if args.kv else {}),
         prompt_format=dict(passkey=[PASSKEY_PREFIX, PASSKEY_NEEDLE, PASSKEY_QUESTION],
                            passkey_once=[PASSKEY_PREFIX, PASSKEY_ONCE_NEEDLE, PASSKEY_QUESTION],
@@ -882,7 +888,7 @@ def setup_notes(args) -> list[str]:
         f"(`max_num_batched_tokens={PAGE}`, page size {PAGE}), so every chunk attends to the cache as evicted after "
         "the previous chunks. Pooled over windows (mean NLL of all predicted tokens, then exp); \"2nd half\" counts "
         f"only positions >= {args.ppl_len // 2}, where every retention <= 0.5 is already evicting.",
-        f"Engines: `LLM(model, dtype='float32', enforce_eager=True, kv_cache_memory_bytes={KV_BYTES}, "
+        f"Engines: `LLM(model, dtype='{args.dtype}', enforce_eager=True, kv_cache_memory_bytes={KV_BYTES}, "
         f"max_model_len={MAX_MODEL_LEN}, seed={SEED}, block_size={PAGE}, ...)` plus "
         "`additional_config={'kv_compress': {'policy': P, 'budget': R}}` (policy defaults otherwise); each "
         "(configuration, engine) runs in its own subprocess.",
