@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded SmolLM2-135M)")
     ap.add_argument("--policies", type=csv_list(str), default=["pyramid", "h2o"],
                     help="default pyramid,h2o (pyramid+drop = pyramid with prefill_drop)")
-    ap.add_argument("--retention", type=float, default=0.25, help="kv budget as a fraction of the prompt (0.25)")
+    ap.add_argument("--retention", type=lambda v: int(v) if float(v) >= 1 else float(v), default=0.25,
+                    help="kv budget: a fraction of the prompt in (0, 1), or tokens (>= 1; e.g. 4096: nothing evicted)")
     ap.add_argument("--num-prompts", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--output-tokens", type=int, default=64, help="decode workload tokens out (64)")

@@ -590,141 +590,6 @@ static void check_rows(const int32_t* bt, int64_t sbt0, int64_t cols, int64_t R,
 
 // ---------------------------------------------------------------- (a) decode
 
-template <typename T>
-static void decode_impl(const at::Tensor& query, const PagedArgs& pa, const T* kbase, const T* vbase,
-                        const int32_t* bt, int64_t sbt0, const int32_t* sl, double scale_d, float* acc,
-                        const float* w, at::Tensor& out) {
-  const int64_t R = query.size(0), Hq = query.size(1);
-  const int H = static_cast<int>(pa.H), D = static_cast<int>(pa.D), bs = static_cast<int>(pa.bs);
-  const int G = static_cast<int>(Hq / H);
-  const T* q = query.data_ptr<T>();
-  T* o = out.data_ptr<T>();
-  const int64_t sq0 = query.stride(0), sq1 = query.stride(1), so0 = out.stride(0), so1 = out.stride(1);
-  const float scale = static_cast<float>(scale_d);
-  const int64_t items = R * H;
-  const int nt = num_threads_for(items);
-  const PageOps<T> po{pa.amx};
-
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t i = it / H;
-    const int h = static_cast<int>(it % H);
-    const int L = sl[i];
-    T* orow = o + i * so0 + static_cast<int64_t>(h) * G * so1;
-    if (L <= 0) {
-      for (int g = 0; g < G; ++g)
-        for (int d = 0; d < D; ++d) orow[g * so1 + d] = static_cast<T>(0.f);
-      continue;
-    }
-    const int npg = (L + bs - 1) / bs;
-    const int64_t ldl = static_cast<int64_t>(npg) * bs;
-    Scratch& s = scratch();
-    float* qf = grow(s.f0, static_cast<size_t>(G) * D);
-    float* lg = grow(s.f1, static_cast<size_t>(G) * ldl);
-    float* of = grow(s.f2, static_cast<size_t>(G) * D + G);
-    float* inv = of + static_cast<size_t>(G) * D;
-    const T** kp = reinterpret_cast<const T**>(grow(s.p0, npg));
-    const T** vp = reinterpret_cast<const T**>(grow(s.p1, npg));
-    const T* qrow = q + i * sq0 + static_cast<int64_t>(h) * G * sq1;
-    for (int g = 0; g < G; ++g)
-      for (int d = 0; d < D; ++d) qf[g * D + d] = to_f(qrow[g * sq1 + d]) * scale;
-    const int32_t* btr = bt + i * sbt0;
-    for (int pg = 0; pg < npg; ++pg) {
-      const int64_t b = btr[pg];
-      kp[pg] = kbase + b * pa.sk0 + h * pa.sk1;
-      vp[pg] = vbase + b * pa.sv0 + h * pa.sv1;
-    }
-    for (int pg = 0; pg < npg; ++pg) po.qk(qf, D, G, kp[pg], bs, D, lg + static_cast<int64_t>(pg) * bs, ldl);
-    for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalized(lg + g * ldl, L);
-    po.pvp(lg, ldl, G, vp, bs, D, L, of, D);
-    for (int g = 0; g < G; ++g)
-      for (int d = 0; d < D; ++d) orow[g * so1 + d] = static_cast<T>(of[g * D + d] * inv[g]);
-    if (acc != nullptr) {
-      // acc[p] += (w / G) * sum_g probs[g, p]; the new (last) slot starts from 0
-      const float wg = w[i] / static_cast<float>(G);
-      for (int g = 0; g < G; ++g) inv[g] *= wg;
-      float last = 0.f;
-      for (int g = 0; g < G; ++g) last += lg[g * ldl + L - 1] * inv[g];
-      for (int pg = 0; pg < npg; ++pg) {
-        float* ap = acc + static_cast<int64_t>(btr[pg]) * pa.sa0 + h * pa.sa1;
-        const float* lp = lg + static_cast<int64_t>(pg) * bs;
-        const int cnt = std::min(bs, L - pg * bs);
-        int off = 0;
-        for (; off + 8 <= cnt; off += 8) {
-          F8 a = f8_load(ap + off);
-          for (int g = 0; g < G; ++g) a = f8_fma(f8_set(inv[g]), f8_load(lp + g * ldl + off), a);
-          f8_store(ap + off, a);
-        }
-        for (; off < cnt; ++off) {
-          float a = ap[off];
-          for (int g = 0; g < G; ++g) a += lp[g * ldl + off] * inv[g];
-          ap[off] = a;
-        }
-      }
-      const int64_t lb = btr[(L - 1) / bs];
-      acc[lb * pa.sa0 + h * pa.sa1 + (L - 1) % bs] = last;
-    }
-  }
-}
-
-void decode_attention_scores(const at::Tensor& query, const at::Tensor& k_t, const at::Tensor& v,
-                             const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
-                             const c10::optional<at::Tensor>& acc, const c10::optional<at::Tensor>& weights,
-                             at::Tensor out, bool amx) {
-  const PagedArgs pa = check_paged(k_t, &v, acc, amx);
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.device().is_cpu(),
-              "query must be a CPU [R, Hq, D] tensor with contiguous rows");
-  TORCH_CHECK(query.scalar_type() == k_t.scalar_type(), "query dtype must match the cache dtype");
-  const int64_t R = query.size(0), Hq = query.size(1);
-  TORCH_CHECK(query.size(2) == pa.D, "query head size ", query.size(2), " != cache head size ", pa.D);
-  TORCH_CHECK(Hq % pa.H == 0, Hq, " query heads are not a multiple of ", pa.H, " KV heads");
-  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= R && block_table.scalar_type() == at::kInt &&
-                  block_table.stride(1) == 1,
-              "block_table must be int32 [R, cols] with contiguous rows");
-  check_int_vec(seq_lens, R, "seq_lens", at::kInt);
-  const bool has_acc = acc.has_value() && acc->defined();
-  if (has_acc) {
-    TORCH_CHECK(weights.has_value() && weights->defined(), "weights are required with acc");
-    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == R && weights->scalar_type() == at::kFloat &&
-                    weights->is_contiguous(),
-                "weights must be float32 [R]");
-  }
-  TORCH_CHECK(out.device().is_cpu() && out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.stride(2) == 1,
-              "out must be like query with contiguous rows");
-  check_rows(block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.size(1), R,
-             seq_lens.data_ptr<int32_t>(), nullptr, pa.bs, pa.nb);
-  float* accp = has_acc ? acc->data_ptr<float>() : nullptr;
-  const float* wp = has_acc ? weights->data_ptr<float>() : nullptr;
-  const int32_t* bt = block_table.data_ptr<int32_t>();
-  const int32_t* sl = seq_lens.data_ptr<int32_t>();
-  switch (query.scalar_type()) {
-    case at::kFloat:
-      decode_impl<float>(query, pa, k_t.data_ptr<float>(), v.data_ptr<float>(), bt, block_table.stride(0), sl, scale,
-                         accp, wp, out);
-      break;
-    case at::kBFloat16:
-      decode_impl<c10::BFloat16>(query, pa, k_t.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), bt,
-                                 block_table.stride(0), sl, scale, accp, wp, out);
-      break;
-    case at::kHalf:
-      decode_impl<c10::Half>(query, pa, k_t.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), bt,
-                             block_table.stride(0), sl, scale, accp, wp, out);
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", query.scalar_type());
-  }
-}
-
-// ---------------------------------------------------------------- (b) window scores / prefill attention
-
-struct WItem {
-  int64_t i;       // request
-  int h;           // KV head
-  int q0, q1;      // range in the request's active-query list
-  int64_t part;    // offset in the partial-sum buffer
-  int plen;        // keys this item touches (max query slot + 1, <= L)
-};
-
 // ---------------------------------------------------------------- bf16 dot products (AVX512-BF16)
 // On bf16 pages, where the CPU has AVX512-BF16 (checked at run time; the rest of the
 // file keeps its AVX2 build), chunk_impl computes QK and PV with vdpbf16ps: two bf16
@@ -934,7 +799,302 @@ static inline void by_tiles(int M, F&& f) {
     default: break;
   }
 }
+
+// ---- decode on the dot path: G query rows of one (request, KV head) against its window,
+// read straight from the pages (no packing: 16-token key chunks / token-pair value rows are
+// interleaved in registers on "vec" pages and are already dot pairs on "amx" pages).
+// Needs bs % 16 == 0, D % 16 == 0, G <= 8.
+
+// the 16 (k[t][2j], k[t][2j+1]) pairs of tokens t0 .. t0 + 15 of page kp, as one vector
+template <bool AMX>
+KVC_BF16_TARGET static inline __m512i key_pairs16(const uint16_t* kp, int bs, int D, int t0, int j, __m512i idx) {
+  if (AMX) return _mm512_loadu_si512(kp + static_cast<int64_t>(t0) * D + j * 32);
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + static_cast<int64_t>(2 * j) * bs + t0));
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + static_cast<int64_t>(2 * j + 1) * bs + t0));
+  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
+}
+
+// logits lg[g*ldl + t0 + 0..16*NC) = scale * q_g . k[t] for G rows, NC 16-token chunks of one page
+template <int G, int NC, bool AMX>
+KVC_BF16_TARGET static inline void qk_decode_dot(const uint16_t* const* qr, const uint16_t* kp, int bs, int D, int t0,
+                                                 float scale, float* lg, int64_t ldl, __m512i idx) {
+  __m512 acc[G][NC];
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 2
+    for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int j = 0; j < D / 2; ++j) {
+    __m512bh kv[NC];
+#pragma GCC unroll 2
+    for (int c = 0; c < NC; ++c) kv[c] = (__m512bh)key_pairs16<AMX>(kp, bs, D, t0 + 16 * c, j, idx);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word_at(qr[g] + 2 * j)));
+#pragma GCC unroll 2
+      for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], a, kv[c]);
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 2
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(lg + g * ldl + t0 + 16 * c, _mm512_mul_ps(acc[g][c], sv));
+}
+
+// out_g[d0 .. d0 + 16*NV) = bf16(inv_g * sum_t P_g[t] V[t][d]) over window slots [0, L), P as bf16 rows
+template <int G, int NV, bool AMX>
+KVC_BF16_TARGET static inline void pv_decode_dot(const uint16_t* const* pr, const uint16_t* const* vpages, int bs,
+                                                 int D, int L, int d0, const float* inv, uint16_t* const* orow) {
+  __m512 acc[G][NV];
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
+  alignas(64) uint16_t iv[32];
+  for (int d = 0; d < 16; ++d) iv[2 * d] = static_cast<uint16_t>(d), iv[2 * d + 1] = static_cast<uint16_t>(16 + d);
+  const __m512i vidx = _mm512_load_si512(iv);
+  for (int t = 0; t < L; t += 2) {
+    const uint16_t* vp = vpages[t / bs];
+    const int off = t % bs;
+    const bool pair = t + 1 < L;
+    __m512bh vv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const int c = d0 + 16 * v;
+      if (AMX) {
+        const __mmask32 m = pair ? ~__mmask32(0) : static_cast<__mmask32>(0x55555555u);
+        vv[v] = (__m512bh)_mm512_maskz_loadu_epi16(m, vp + static_cast<int64_t>(c) * bs + off / 2 * 32);
+      } else {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp + static_cast<int64_t>(off) * D + c));
+        const __m256i b = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp + static_cast<int64_t>(off + 1) * D + c))
+                               : _mm256_setzero_si256();
+        vv[v] = (__m512bh)_mm512_permutexvar_epi16(vidx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+      }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word_at(pr[g] + t)));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_dpbf16_ps(acc[g][v], a, vv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+    const __m512 s = _mm512_set1_ps(inv[g]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow[g] + d0 + 16 * v),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][v], s)));
+  }
+}
+
+// one decode item: lg[g*ldl + 0..L) <- exp(logit - max) (zero up to ldl), inv[g] <- 1 / sum, out rows written
+template <int G, bool AMX>
+KVC_BF16_TARGET static void decode_item_dot(const uint16_t* const* qr, const uint16_t* const* kpages,
+                                            const uint16_t* const* vpages, int bs, int D, int L, float scale,
+                                            float* lg, int64_t ldl, float* inv, uint16_t* pb, uint16_t* const* orow) {
+  alignas(64) uint16_t ik[32];
+  for (int t = 0; t < 16; ++t) ik[2 * t] = static_cast<uint16_t>(t), ik[2 * t + 1] = static_cast<uint16_t>(32 + t);
+  const __m512i idx = _mm512_load_si512(ik);
+  const int npg = (L + bs - 1) / bs;
+  for (int pg = 0; pg < npg; ++pg) {
+    const int n16 = std::min(bs, L - pg * bs + 15) / 16;  // 16-token chunks of this page holding window slots
+    float* dst = lg + static_cast<int64_t>(pg) * bs;
+    int c = 0;
+    for (; c + 2 <= n16; c += 2) qk_decode_dot<G, 2, AMX>(qr, kpages[pg], bs, D, 16 * c, scale, dst, ldl, idx);
+    if (c < n16) qk_decode_dot<G, 1, AMX>(qr, kpages[pg], bs, D, 16 * c, scale, dst, ldl, idx);
+  }
+  const int lpad = (L + 15) / 16 * 16;
+  const uint16_t* pr[8];
+  for (int g = 0; g < G; ++g) {
+    float* row = lg + g * ldl;
+    inv[g] = softmax_unnormalized(row, L);
+    std::fill(row + L, row + lpad, 0.f);  // slots past the window (their logits may be garbage) weigh 0
+    uint16_t* pbg = pb + static_cast<int64_t>(g) * lpad;
+    for (int x = 0; x < lpad; x += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pbg + x), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + x)));
+    pr[g] = pbg;
+  }
+  int d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) pv_decode_dot<G, 4, AMX>(pr, vpages, bs, D, L, d0, inv, orow);
+  switch ((D - d0) / 16) {
+    case 3: pv_decode_dot<G, 3, AMX>(pr, vpages, bs, D, L, d0, inv, orow); break;
+    case 2: pv_decode_dot<G, 2, AMX>(pr, vpages, bs, D, L, d0, inv, orow); break;
+    case 1: pv_decode_dot<G, 1, AMX>(pr, vpages, bs, D, L, d0, inv, orow); break;
+    default: break;
+  }
+}
+
+template <bool AMX>
+static void decode_item_dot_g(int G, const uint16_t* const* qr, const uint16_t* const* kpages,
+                              const uint16_t* const* vpages, int bs, int D, int L, float scale, float* lg,
+                              int64_t ldl, float* inv, uint16_t* pb, uint16_t* const* orow) {
+  switch (G) {
+#define KVC_G(n) \
+  case n: decode_item_dot<n, AMX>(qr, kpages, vpages, bs, D, L, scale, lg, ldl, inv, pb, orow); break;
+    KVC_G(1) KVC_G(2) KVC_G(3) KVC_G(4) KVC_G(5) KVC_G(6) KVC_G(7) KVC_G(8)
+#undef KVC_G
+    default: break;
+  }
+}
 #endif  // KVC_BF16DOT
+
+template <typename T>
+static void decode_impl(const at::Tensor& query, const PagedArgs& pa, const T* kbase, const T* vbase,
+                        const int32_t* bt, int64_t sbt0, const int32_t* sl, double scale_d, float* acc,
+                        const float* w, at::Tensor& out) {
+  const int64_t R = query.size(0), Hq = query.size(1);
+  const int H = static_cast<int>(pa.H), D = static_cast<int>(pa.D), bs = static_cast<int>(pa.bs);
+  const int G = static_cast<int>(Hq / H);
+  const T* q = query.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const int64_t sq0 = query.stride(0), sq1 = query.stride(1), so0 = out.stride(0), so1 = out.stride(1);
+  const float scale = static_cast<float>(scale_d);
+  const int64_t items = R * H;
+  const int nt = num_threads_for(items);
+  const PageOps<T> po{pa.amx};
+#ifdef KVC_BF16DOT
+  const bool dot = std::is_same<T, c10::BFloat16>::value && D % 16 == 0 && bs % 16 == 0 && G <= 8 && bf16dot_on();
+#endif
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t i = it / H;
+    const int h = static_cast<int>(it % H);
+    const int L = sl[i];
+    T* orow = o + i * so0 + static_cast<int64_t>(h) * G * so1;
+    if (L <= 0) {
+      for (int g = 0; g < G; ++g)
+        for (int d = 0; d < D; ++d) orow[g * so1 + d] = static_cast<T>(0.f);
+      continue;
+    }
+    const int npg = (L + bs - 1) / bs;
+    const int64_t ldl = static_cast<int64_t>(npg) * bs;
+    Scratch& s = scratch();
+    float* qf = grow(s.f0, static_cast<size_t>(G) * D);
+    float* lg = grow(s.f1, static_cast<size_t>(G) * ldl);
+    float* of = grow(s.f2, static_cast<size_t>(G) * D + G);
+    float* inv = of + static_cast<size_t>(G) * D;
+    const T** kp = reinterpret_cast<const T**>(grow(s.p0, npg));
+    const T** vp = reinterpret_cast<const T**>(grow(s.p1, npg));
+    const T* qrow = q + i * sq0 + static_cast<int64_t>(h) * G * sq1;
+    const int32_t* btr = bt + i * sbt0;
+    for (int pg = 0; pg < npg; ++pg) {
+      const int64_t b = btr[pg];
+      kp[pg] = kbase + b * pa.sk0 + h * pa.sk1;
+      vp[pg] = vbase + b * pa.sv0 + h * pa.sv1;
+    }
+#ifdef KVC_BF16DOT
+    if (dot) {  // AVX512-BF16: QK / PV on vdpbf16ps straight from the pages (probabilities as bf16 for PV)
+      const uint16_t* qr[8];
+      uint16_t* orr[8];
+      for (int g = 0; g < G; ++g) {
+        qr[g] = reinterpret_cast<const uint16_t*>(qrow + g * sq1);
+        orr[g] = reinterpret_cast<uint16_t*>(orow + g * so1);
+      }
+      uint16_t* pb = grow(s.h2, static_cast<size_t>(G) * ((L + 15) / 16 * 16));
+      auto pages = [](const T** p) { return reinterpret_cast<const uint16_t* const*>(p); };
+      if (pa.amx)
+        decode_item_dot_g<true>(G, qr, pages(kp), pages(vp), bs, D, L, scale, lg, ldl, inv, pb, orr);
+      else
+        decode_item_dot_g<false>(G, qr, pages(kp), pages(vp), bs, D, L, scale, lg, ldl, inv, pb, orr);
+    } else
+#endif
+    {
+      for (int g = 0; g < G; ++g)
+        for (int d = 0; d < D; ++d) qf[g * D + d] = to_f(qrow[g * sq1 + d]) * scale;
+      for (int pg = 0; pg < npg; ++pg) po.qk(qf, D, G, kp[pg], bs, D, lg + static_cast<int64_t>(pg) * bs, ldl);
+      for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalized(lg + g * ldl, L);
+      po.pvp(lg, ldl, G, vp, bs, D, L, of, D);
+      for (int g = 0; g < G; ++g)
+        for (int d = 0; d < D; ++d) orow[g * so1 + d] = static_cast<T>(of[g * D + d] * inv[g]);
+    }
+    if (acc != nullptr) {
+      // acc[p] += (w / G) * sum_g probs[g, p]; the new (last) slot starts from 0
+      const float wg = w[i] / static_cast<float>(G);
+      for (int g = 0; g < G; ++g) inv[g] *= wg;
+      float last = 0.f;
+      for (int g = 0; g < G; ++g) last += lg[g * ldl + L - 1] * inv[g];
+      for (int pg = 0; pg < npg; ++pg) {
+        float* ap = acc + static_cast<int64_t>(btr[pg]) * pa.sa0 + h * pa.sa1;
+        const float* lp = lg + static_cast<int64_t>(pg) * bs;
+        const int cnt = std::min(bs, L - pg * bs);
+        int off = 0;
+        for (; off + 8 <= cnt; off += 8) {
+          F8 a = f8_load(ap + off);
+          for (int g = 0; g < G; ++g) a = f8_fma(f8_set(inv[g]), f8_load(lp + g * ldl + off), a);
+          f8_store(ap + off, a);
+        }
+        for (; off < cnt; ++off) {
+          float a = ap[off];
+          for (int g = 0; g < G; ++g) a += lp[g * ldl + off] * inv[g];
+          ap[off] = a;
+        }
+      }
+      const int64_t lb = btr[(L - 1) / bs];
+      acc[lb * pa.sa0 + h * pa.sa1 + (L - 1) % bs] = last;
+    }
+  }
+}
+
+void decode_attention_scores(const at::Tensor& query, const at::Tensor& k_t, const at::Tensor& v,
+                             const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                             const c10::optional<at::Tensor>& acc, const c10::optional<at::Tensor>& weights,
+                             at::Tensor out, bool amx) {
+  const PagedArgs pa = check_paged(k_t, &v, acc, amx);
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.device().is_cpu(),
+              "query must be a CPU [R, Hq, D] tensor with contiguous rows");
+  TORCH_CHECK(query.scalar_type() == k_t.scalar_type(), "query dtype must match the cache dtype");
+  const int64_t R = query.size(0), Hq = query.size(1);
+  TORCH_CHECK(query.size(2) == pa.D, "query head size ", query.size(2), " != cache head size ", pa.D);
+  TORCH_CHECK(Hq % pa.H == 0, Hq, " query heads are not a multiple of ", pa.H, " KV heads");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= R && block_table.scalar_type() == at::kInt &&
+                  block_table.stride(1) == 1,
+              "block_table must be int32 [R, cols] with contiguous rows");
+  check_int_vec(seq_lens, R, "seq_lens", at::kInt);
+  const bool has_acc = acc.has_value() && acc->defined();
+  if (has_acc) {
+    TORCH_CHECK(weights.has_value() && weights->defined(), "weights are required with acc");
+    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == R && weights->scalar_type() == at::kFloat &&
+                    weights->is_contiguous(),
+                "weights must be float32 [R]");
+  }
+  TORCH_CHECK(out.device().is_cpu() && out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.stride(2) == 1,
+              "out must be like query with contiguous rows");
+  check_rows(block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.size(1), R,
+             seq_lens.data_ptr<int32_t>(), nullptr, pa.bs, pa.nb);
+  float* accp = has_acc ? acc->data_ptr<float>() : nullptr;
+  const float* wp = has_acc ? weights->data_ptr<float>() : nullptr;
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int32_t* sl = seq_lens.data_ptr<int32_t>();
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      decode_impl<float>(query, pa, k_t.data_ptr<float>(), v.data_ptr<float>(), bt, block_table.stride(0), sl, scale,
+                         accp, wp, out);
+      break;
+    case at::kBFloat16:
+      decode_impl<c10::BFloat16>(query, pa, k_t.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), bt,
+                                 block_table.stride(0), sl, scale, accp, wp, out);
+      break;
+    case at::kHalf:
+      decode_impl<c10::Half>(query, pa, k_t.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), bt,
+                             block_table.stride(0), sl, scale, accp, wp, out);
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", query.scalar_type());
+  }
+}
+
+// ---------------------------------------------------------------- (b) window scores / prefill attention
+
+struct WItem {
+  int64_t i;       // request
+  int h;           // KV head
+  int q0, q1;      // range in the request's active-query list
+  int64_t part;    // offset in the partial-sum buffer
+  int plen;        // keys this item touches (max query slot + 1, <= L)
+};
+
 
 #ifdef KVC_BF16DOT
 // One work item of chunk_impl on the bf16 dot-product path (same contract as its loop body).

@@ -168,6 +168,35 @@ def test_decode_cpp(cpp, G, H, D, bs, dtype):
     assert torch.equal(layer.acc, acc_before)
 
 
+@pytest.mark.parametrize("G,H,D,bs", [(3, 3, 64, 32), (8, 1, 64, 16), (2, 2, 80, 32), (1, 2, 128, 16), (9, 1, 64, 32)])
+def test_decode_bf16_dot_path(cpp, monkeypatch, G, H, D, bs):
+    """bf16 decode on AVX512-BF16 (G <= 8, page size and D % 16 == 0; G = 9 keeps the float
+    path): output vs the reference and the float path (VLLM_KVCOMPRESS_CPU_BF16DOT=0), scores
+    equal to float32 rounding. Window lengths cover partial 16-token chunks and odd tails."""
+    if not cpp.bf16_dot():
+        pytest.skip("CPU without AVX512-BF16 (or VLLM_KVCOMPRESS_CPU_BF16DOT=0): the dot path does not run")
+    scale = D ** -0.5
+    cache, layer, bt, starts, lens, q, w = decode_case(G, H, D, bs, torch.bfloat16, seed=5 * G + D)
+    sbt = shift(bt, starts)
+    acc0 = layer.acc.clone()
+    acc_ref = acc0.clone()
+    out_ref = ops.decode_attention_scores_reference(q, layer.k_t, layer.v, sbt, lens, scale, acc_ref, w)
+
+    def run():
+        acc, out = acc0.clone(), torch.full_like(q, float("nan"))
+        cpp.decode_attention_scores(q, layer.k_t, layer.v, sbt, lens, scale, acc, w, out)
+        return out, acc
+
+    out, acc = run()
+    monkeypatch.setenv("VLLM_KVCOMPRESS_CPU_BF16DOT", "0")
+    out_f, acc_f = run()
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), out_f.float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(out, out_f) is (G > 8)  # the dot path ran where it applies, and only there
+    torch.testing.assert_close(acc, acc_ref, **ACC_TOL)
+    torch.testing.assert_close(acc, acc_f, **ACC_TOL)
+
+
 def test_decode_cpp_strided_views_and_fp16(cpp):
     """query/out as views of vLLM's [T, Hq*D] tensors, a sliced block table, fp16 cache."""
     G, H, D, bs, dtype = 3, 3, 64, 32, torch.float16

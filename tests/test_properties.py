@@ -212,6 +212,27 @@ def test_decode_cpp_matches_reference(cpp, spec):
         torch.testing.assert_close(acc_ref, acc_bf, **BRUTE_TOL)
 
 
+@bounded(80)
+@given(spec=decode_specs())
+def test_decode_bf16_matches_reference(cpp, spec):
+    """bf16 pages: on a CPU with AVX512-BF16 the decode kernel reads 16-token key chunks and
+    token-pair value rows straight from the pages into vdpbf16ps (the NaN-poisoned slots
+    past each window share those chunks and must not leak), else the AVX2 float path;
+    within bf16 rounding of the reference, scores within float32 rounding."""
+    cache, layer, bt, rows, lens, q, w = decode_case(spec, torch.bfloat16)
+    acc0 = None if layer.acc is None else layer.acc.clone()
+    acc_ref = None if acc0 is None else acc0.clone()
+    out_ref = ops.decode_attention_scores_reference(q, layer.k_t, layer.v, bt, lens, spec["scale"], acc_ref, w)
+    out = torch.full_like(q, NAN)
+    cache0 = cache.clone()
+    ops.decode_attention_scores(q, layer.k_t, layer.v, bt, lens, spec["scale"], layer.acc, w, out=out)
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=1e-2, atol=2e-2)
+    assert not out.isnan().any()
+    assert same_bits(cache, cache0)
+    if acc0 is not None:
+        torch.testing.assert_close(layer.acc, acc_ref, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
 # ---------------------------------------------------------------- (b) prefill-chunk scores
 
 
