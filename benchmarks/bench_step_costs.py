@@ -13,9 +13,12 @@ Columns (ms per engine step of the table's kind, and / vanilla's total step time
 
 * *attn plain*: vLLM's CPU attention on layers that do not compress (vanilla: every
   layer; the plugin's CPU backend class also serves policy none);
-* *attn compr*: vLLM's attention on compressed layers (prefill, and decode when the
-  fused kernel is off);
+* *attn compr*: vLLM's attention on compressed layers (prefill where
+  ``step_plan.fuse_prefill`` does not pick our kernel, and decode when the fused kernel
+  is off);
 * *fused decode*: ``ops.decode_attention_scores`` (attention + scores, pure decode);
+* *fused prefill*: ``ops.prefill_attention_scores`` (attention + scores of the other
+  steps, where ``step_plan.fuse_prefill`` picks it);
 * *scoring*: ``ops.window_scores``; *selection*: ``read_scores`` + the policy's
   ``compress_step``; *compaction*: ``ops.compact_windows``; *cache write*: the KV write;
 * *metadata*: the plugin's builder work (our ``build`` minus vLLM's own ``build``
@@ -216,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded SmolLM2-135M)")
     ap.add_argument("--policies", type=csv_list(str), default=["pyramid", "h2o"],
                     help="default pyramid,h2o (pyramid+drop = pyramid with prefill_drop)")
-    ap.add_argument("--retention", type=lambda v: int(v) if float(v) >= 1 else float(v), default=0.25,
-                    help="kv budget: a fraction of the prompt in (0, 1), or tokens (>= 1; e.g. 4096: nothing evicted)")
+    ap.add_argument("--retention", type=float, default=0.25,
+                    help="kv budget: a fraction of the prompt in (0, 1), or a whole number of tokens "
+                         "(e.g. 4096: nothing evicted)")
     ap.add_argument("--num-prompts", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--output-tokens", type=int, default=64, help="decode workload tokens out (64)")
@@ -234,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt_tokens + args.output_tokens > args.max_model_len:
         ap.error("--prompt-tokens + --output-tokens must fit --max-model-len")
 
+    from vllm_kvcompress.config import ConfigError, KVCompressConfig
     from vllm_kvcompress.eval.quality import kv_settings
+
+    for p in args.policies:  # bad budgets fail here, in one line, not after the vanilla run
+        try:
+            KVCompressConfig(**kv_settings(p, args.retention))
+        except ConfigError as e:
+            raise SystemExit(f"bench_step_costs.py: --retention {args.retention:g} / --policies {p}: {e}") from None
 
     command = "python benchmarks/bench_step_costs.py" + "".join(" " + shlex.quote(a) for a in argv)
     args.dtype, args.dtype_reason = machine.choose_dtype(args.dtype, model)

@@ -104,13 +104,16 @@ def torch_isa() -> dict:
 
 
 def bf16_dot(dtype: str, head_dim: int | None) -> bool | None:
-    """Whether our C++ prefill kernels run on AVX512-BF16 dot products here (ops.bf16_dot)."""
+    """Whether our C++ kernels run QK / PV on AVX512-BF16 dot products here (ops.bf16_dot;
+    None: unknown head size or no extension)."""
+    if head_dim is None:
+        return None
     try:
         import torch
 
         from vllm_kvcompress import ops
 
-        return ops.bf16_dot(getattr(torch, dtype), head_dim or 0)
+        return ops.bf16_dot(getattr(torch, dtype), head_dim)
     except Exception:  # noqa: BLE001
         return None
 
@@ -153,6 +156,10 @@ def machine_record(dtype: str, dtype_reason: str, model_dir, block_sizes=(32,)) 
     return rec
 
 
+def _kernel_path(dot: bool | None) -> str:
+    return {True: "bf16 dot products (avx512_bf16)", False: "float32 FMA"}.get(dot, "unknown")
+
+
 def describe(rec: dict) -> str:
     """One line for a log or a Markdown header."""
     flags = ", ".join(f for f, on in rec["isa_flags"].items() if on) or "none of " + "/".join(ISA_FLAGS)
@@ -162,6 +169,6 @@ def describe(rec: dict) -> str:
                     for x in rec["vllm_attn_isa"])
     return (f"{rec['cpu_count']} cores ({rec.get('cpu') or '?'}), ISA {flags}; torch avx512={t.get('avx512')} "
             f"amx_tile={t.get('amx_tile')}; vLLM CPU attention ISA {isa}; "
-            f"our prefill kernels {'bf16 dot products (avx512_bf16)' if rec.get('kvcompress_bf16_dot') else 'float32 FMA'}; "
+            f"our kernels {_kernel_path(rec.get('kvcompress_bf16_dot'))}; "
             f"dtype {rec['dtype']} ({rec['dtype_reason']}); "
             f"commit {rec.get('git_commit') or '?'}{' (dirty)' if rec.get('git_dirty') else ''}")

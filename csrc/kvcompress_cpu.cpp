@@ -32,6 +32,12 @@
 //
 // GQA: query head hq belongs to KV head hq / G (G = Hq / H); a KV head's score
 // is the mean over its G query heads. Softmax and all accumulation in float32.
+//
+// ISA: the file is built with AVX2 (8 x float FMA; bf16/fp16 converted to float). On
+// bf16 caches of a CPU with AVX512-BF16 (checked at run time, see "bf16 dot products"
+// below; VLLM_KVCOMPRESS_CPU_BF16DOT=0 turns it off) the attention kernels compute QK
+// and PV with vdpbf16ps instead: the same bf16 inputs, float32 accumulation, logits,
+// softmax and scores, but the probabilities fed to PV rounded to bf16.
 // Parallel over (request, KV head [, query split]) with OpenMP (the same
 // libgomp runtime as torch, so torch.set_num_threads applies).
 
@@ -601,7 +607,8 @@ static void check_rows(const int32_t* bt, int64_t sbt0, int64_t cols, int64_t R,
 // Logits, softmax and scores stay float32 (as on the AVX2 path); only the probabilities
 // fed to PV are rounded to bf16 (as vLLM's own AMX path does). Needs D % 16 == 0.
 // VLLM_KVCOMPRESS_CPU_BF16DOT=0 turns it off (the AVX2 path then runs).
-#if defined(KVC_AVX2) && defined(__GNUC__) && defined(__x86_64__)
+#if defined(KVC_AVX2) && defined(__x86_64__) && \
+    ((defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
 #define KVC_BF16DOT 1
 #define KVC_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
@@ -615,6 +622,8 @@ static bool bf16dot_on() {
   const char* e = std::getenv("VLLM_KVCOMPRESS_CPU_BF16DOT");
   return bf16dot_cpu() && !(e != nullptr && std::strcmp(e, "0") == 0);
 }
+// the chunk kernels' condition for a bf16 cache (decode also needs page size % 16 == 0, G <= 8)
+static bool bf16dot_for(int64_t head_size) { return head_size % 16 == 0 && bf16dot_on(); }
 
 static inline uint32_t word_at(const uint16_t* p) {
   uint32_t w;
@@ -954,7 +963,7 @@ static void decode_impl(const at::Tensor& query, const PagedArgs& pa, const T* k
   const int nt = num_threads_for(items);
   const PageOps<T> po{pa.amx};
 #ifdef KVC_BF16DOT
-  const bool dot = std::is_same<T, c10::BFloat16>::value && D % 16 == 0 && bs % 16 == 0 && G <= 8 && bf16dot_on();
+  const bool dot = std::is_same<T, c10::BFloat16>::value && bs % 16 == 0 && G <= 8 && bf16dot_for(D);
 #endif
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
@@ -1238,7 +1247,7 @@ static void chunk_impl(const at::Tensor& query, int64_t R, const int32_t* qs, co
   const int QC = std::max(1, 16 / G);  // queries per row block (QC * G query-head rows)
   const PageOps<T> po{pa.amx};
 #ifdef KVC_BF16DOT
-  const bool dot = std::is_same<T, c10::BFloat16>::value && D % 16 == 0 && bf16dot_on();
+  const bool dot = std::is_same<T, c10::BFloat16>::value && bf16dot_for(D);
 #endif
   int nt = num_threads_for(nitems);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
@@ -1588,10 +1597,11 @@ void compact_windows(const at::Tensor& k_t, const at::Tensor& v, const c10::opti
   }
 }
 
-bool bf16_dot() {
+bool bf16_dot(int64_t head_size) {
 #ifdef KVC_BF16DOT
-  return bf16dot_on();
+  return bf16dot_for(head_size);
 #else
+  (void)head_size;
   return false;
 #endif
 }
@@ -1621,7 +1631,7 @@ TORCH_LIBRARY(kvcompress, m) {
       "compact_windows(Tensor(a!) k_t, Tensor(b!) v, Tensor(c!)? acc, Tensor block_table, Tensor old_start, "
       "Tensor new_start, Tensor kept, Tensor keep, Tensor? new_acc, bool amx=False) -> ()");
   m.def("simd_width() -> int", &kvc::simd_width);
-  m.def("bf16_dot() -> bool", &kvc::bf16_dot);
+  m.def("bf16_dot(int head_size) -> bool", &kvc::bf16_dot);
 }
 
 TORCH_LIBRARY_IMPL(kvcompress, CPU, m) {

@@ -42,8 +42,11 @@ PAGES = os.environ.get("KVC_PARITY_PAGES", "")
 if PAGES == "amx":
     os.environ["VLLM_KVCOMPRESS_CPU_AMX"] = "1"
 if PAGES:
-    # layout parity compares the same arithmetic on both layouts: the AVX512-BF16 dot-product
-    # path runs on "vec" pages only, so it is off here (tests/test_kernels.py covers it)
+    # layout parity compares the same arithmetic on both layouts. With the AVX512-BF16 path
+    # on, "vec" pages would run our fused prefill kernel (step_plan.fuse_prefill) where
+    # "amx" pages keep the attention below, so it is off here; tests/test_kernels.py,
+    # test_properties.py and test_amx_layout.py check it on both layouts
+    # (the float path's fused prefill still runs H2O's prefill on "vec" pages, as before)
     os.environ["VLLM_KVCOMPRESS_CPU_BF16DOT"] = "0"
 
 

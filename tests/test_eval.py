@@ -256,3 +256,23 @@ def test_ablation_run_without_full_cache(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "quality.json").read_text())
     assert res["meta"]["kv_options"] == {"h2o_kernel": 1} and res["runs"][0]["kv_compress"]["h2o_kernel"] == 1
     assert "| h2o 0.25 | n/a | 0% |" in (tmp_path / "quality.md").read_text()
+
+
+def test_dtype_reaches_every_engine_and_the_report(tmp_path, monkeypatch):
+    """--dtype bfloat16: every worker engine runs bf16 (the bf16 kernels), the report says so,
+    and --resume does not mix it with a float32 grid (it starts afresh)."""
+    engines = []
+
+    def fake_worker(job, verbose=False, timeout=0.0):
+        engines.append(job["engine"])
+        return {"seconds": {"start": 0.1}, **{t: [" 0."] * len(job[t]) for t in q.RETRIEVAL_TASKS if job.get(t)}}
+
+    monkeypatch.setattr(q, "run_in_subprocess", fake_worker)
+    argv = ["--policies", "h2o", "--retentions", "0.25", "--lengths", "1024", "--depths", "2", "--tasks",
+            "passkey_once", "--out-dir", str(tmp_path)]
+    assert q.main(argv + ["--dtype", "bfloat16"]) == 0
+    assert len(engines) == 2 and {e["dtype"] for e in engines} == {"bfloat16"}
+    assert "(bfloat16, greedy;" in (tmp_path / "quality.md").read_text()
+    assert q.main(argv + ["--resume"]) == 0  # float32 now: the stored bf16 grid is not reused
+    assert [e["dtype"] for e in engines[2:]] == ["float32", "float32"]
+    assert "(float32, greedy;" in (tmp_path / "quality.md").read_text()

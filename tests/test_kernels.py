@@ -173,7 +173,7 @@ def test_decode_bf16_dot_path(cpp, monkeypatch, G, H, D, bs):
     """bf16 decode on AVX512-BF16 (G <= 8, page size and D % 16 == 0; G = 9 keeps the float
     path): output vs the reference and the float path (VLLM_KVCOMPRESS_CPU_BF16DOT=0), scores
     equal to float32 rounding. Window lengths cover partial 16-token chunks and odd tails."""
-    if not cpp.bf16_dot():
+    if not cpp.bf16_dot(D):
         pytest.skip("CPU without AVX512-BF16 (or VLLM_KVCOMPRESS_CPU_BF16DOT=0): the dot path does not run")
     scale = D ** -0.5
     cache, layer, bt, starts, lens, q, w = decode_case(G, H, D, bs, torch.bfloat16, seed=5 * G + D)
@@ -371,14 +371,15 @@ def test_prefill_attention_cpp(cpp, G, H, D, bs, dtype, scored):
         assert torch.equal(layer.acc, acc_ws)
 
 
-@pytest.mark.parametrize("G,H,D,bs", [(3, 3, 64, 32), (1, 2, 128, 64), (2, 1, 80, 128), (3, 1, 64, 16)])
+@pytest.mark.parametrize("G,H,D,bs", [(3, 3, 64, 32), (1, 2, 128, 64), (2, 1, 80, 128), (3, 1, 64, 16), (2, 2, 64, 8)])
 def test_prefill_bf16_dot_path(cpp, monkeypatch, G, H, D, bs):
     """bf16 "vec" pages on a CPU with AVX512-BF16 run QK / PV on vdpbf16ps (keys and values
     packed into dot pairs per work item, probabilities rounded to bf16 for PV): outputs vs
     the reference and the AVX2 float path (VLLM_KVCOMPRESS_CPU_BF16DOT=0), scores and
     window_scores equal to the float path's to float32 rounding. D=80 covers a 16-dim tail
-    tile, bs=16 the scalar key packing, bs=64/128 pages holding several 32-token blocks."""
-    if not cpp.bf16_dot():
+    tile, bs=16 32-token blocks straddling pages, bs=8 the scalar key packing, bs=64/128
+    pages holding several 32-token blocks."""
+    if not cpp.bf16_dot(D):
         pytest.skip("CPU without AVX512-BF16 (or VLLM_KVCOMPRESS_CPU_BF16DOT=0): the dot path does not run")
     scale = D ** -0.5
     layer, bt, starts, qs, lens, nr, q, w = window_case(G, H, D, bs, torch.bfloat16, seed=11 * G + bs)
@@ -394,7 +395,7 @@ def test_prefill_bf16_dot_path(cpp, monkeypatch, G, H, D, bs):
 
     out, acc, acc_ws = run()
     monkeypatch.setenv("VLLM_KVCOMPRESS_CPU_BF16DOT", "0")
-    assert not cpp.bf16_dot()
+    assert not cpp.bf16_dot(D)
     out_f, acc_f, acc_ws_f = run()
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out.float(), out_f.float(), rtol=1e-2, atol=1e-2)

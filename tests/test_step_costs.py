@@ -188,7 +188,7 @@ def test_fused_prefill_chosen_where_it_is_faster(policy, dtype):
 
     from vllm_kvcompress import ops
     from vllm_kvcompress.config import KVCompressConfig
-    from vllm_kvcompress.integration.step_plan import StepPlan, fuse_prefill
+    from vllm_kvcompress.integration.step_plan import FUSED_PREFILL, StepPlan, fuse_prefill
     from vllm_kvcompress.policies import get_policy
 
     pol = get_policy(KVCompressConfig(policy=policy, budget=0.25))
@@ -199,8 +199,8 @@ def test_fused_prefill_chosen_where_it_is_faster(policy, dtype):
                     num_new=np.array([P]), prompt_lens=np.array([P]), budget=np.array([475]), retained=z, start=z,
                     retained_after=np.array([475]), start_after=np.array([1]), weights=w, block_size=32)
     assert plan.mostly_scored is (policy == "h2o")
-    if ops.impl_for("cpu") != "cpp":
-        pytest.skip("the fused prefill kernel is C++ only")
+    if ops.impl_for("cpu") != "cpp" or not FUSED_PREFILL:
+        pytest.skip("the fused prefill kernel is C++ only (and VLLM_KVCOMPRESS_FUSED_PREFILL=0 turns it off)")
     k, v = torch.zeros(4, 3, 64, 64, dtype=dtype).chunk(2, dim=2)
     dot = dtype == torch.bfloat16 and ops.bf16_dot(dtype, 64)
     assert fuse_prefill(plan, ops.paged_view(k, v, None)) is (policy == "h2o" or dot)

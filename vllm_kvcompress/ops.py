@@ -220,13 +220,15 @@ def _int32_rows(block_table: torch.Tensor) -> torch.Tensor:
 
 def bf16_dot(dtype: torch.dtype, head_size: int) -> bool:
     """Whether the C++ chunk kernels (:func:`prefill_attention_scores`, :func:`window_scores`)
-    run QK / PV on AVX512-BF16 dot products for this cache: bf16 "vec" pages, head size
-    % 16 == 0, a CPU with avx512_bf16 and ``VLLM_KVCOMPRESS_CPU_BF16DOT`` not ``0``. The
-    inputs are the same bf16 values either way (float32 logits, softmax and scores); the
-    dot path rounds the probabilities fed to PV to bf16, as vLLM's AMX attention does."""
-    if dtype != torch.bfloat16 or head_size % 16 or impl_for("cpu") != "cpp":
+    run QK / PV on AVX512-BF16 dot products for this cache ("vec" or "amx" pages): a bf16
+    cache, and the kernels' own condition (``kvcompress::bf16_dot``: head size % 16 == 0,
+    a CPU with avx512_bf16, ``VLLM_KVCOMPRESS_CPU_BF16DOT`` not ``0``). The decode kernel
+    also needs page size % 16 == 0 and at most 8 query heads per KV head. The inputs are
+    the same bf16 values either way (float32 logits, softmax and scores); the dot path
+    rounds the probabilities fed to PV to bf16, as vLLM's AMX attention does."""
+    if dtype != torch.bfloat16 or impl_for("cpu") != "cpp":
         return False
-    return bool(torch.ops.kvcompress.bf16_dot())
+    return bool(torch.ops.kvcompress.bf16_dot(head_size))
 
 
 def impl_for(device: torch.device | str) -> str:

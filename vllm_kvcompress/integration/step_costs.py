@@ -14,8 +14,8 @@ Categories (what is inside each ``with``):
 * ``attention`` / ``attention_plain``: vLLM's attention (``_attend``) on a
   compressed layer / an uncompressed layer (vanilla: every layer);
 * ``fused_decode``: ``ops.decode_attention_scores`` (pure decode, compressed layers);
-* ``fused_prefill``: ``ops.prefill_attention_scores`` (other steps of compressed layers whose
-  queries are mostly scored: H2O's prefill);
+* ``fused_prefill``: ``ops.prefill_attention_scores`` (other steps of compressed layers where
+  ``step_plan.fuse_prefill`` picks it: mostly scored queries, or the AVX512-BF16 path);
 * ``scoring``: ``ops.window_scores``;
 * ``selection``: ``ops.read_scores`` + ``policies.compress_step`` in
   ``compaction.compact_requests`` (and ``prefill_drop``'s per-layer selection);
