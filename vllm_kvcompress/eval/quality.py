@@ -729,7 +729,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                          "seed gives a held-out prompt set, to check a default chosen on the default one")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="model dtype of every engine (default float32; bfloat16 runs the bf16 kernels, e.g. the "
-                         "AVX512-BF16 prefill path where the CPU has it)")
+                         "AVX512-BF16 path where the CPU has it)")
     ap.add_argument("--kv", type=_kv_option, action="append", default=[], metavar="KEY=VALUE",
                     help="a kv_compress option for every policy run (repeatable), e.g. h2o_kernel=1 to measure "
                          "what a default that departs from a paper's reference buys")

@@ -49,8 +49,8 @@ FUSED_DECODE = os.environ.get("VLLM_KVCOMPRESS_FUSED_DECODE", "1") == "1"
 # (ops.prefill_attention_scores), instead of vLLM's attention + a second softmax pass in
 # ops.window_scores, where it measures faster: when the queries are mostly scored (H2O:
 # every prompt query votes), and on bf16 pages where the CPU has AVX512-BF16
-# (ops.bf16_dot: vdpbf16ps QK / PV, ~1.9x vLLM's "vec" attention on a 1.9K prompt,
-# benchmarks/bench_kernels.py). Float32 pages where only a window of queries votes
+# (ops.bf16_dot: vdpbf16ps QK / PV, 0.53x the time of vLLM's "vec" attention on a
+# 1.9K-token prompt, docs/results/bf16_kernels.md). Float32 pages where only a window of queries votes
 # (PyramidInfer, SnapKV) keep vLLM's attention + the window's scores (A/B:
 # docs/results/fused_prefill_ab). Not on vLLM's "amx" pages, where vLLM's AMX attention
 # is the fast one. Set 0 to compare.
