@@ -631,6 +631,20 @@ static inline uint32_t word_at(const uint16_t* p) {
   return w;
 }
 
+// vpermt2w index interleaving 16 words of a with 16 of b: word 2i <- a[i0 + i], 2i + 1 <- b[i0 + i]
+KVC_BF16_TARGET static inline __m512i pair_index(int i0) {
+  alignas(64) uint16_t ix[32];
+  for (int i = 0; i < 16; ++i) ix[2 * i] = static_cast<uint16_t>(i0 + i), ix[2 * i + 1] = static_cast<uint16_t>(32 + i0 + i);
+  return _mm512_load_si512(ix);
+}
+
+// the 16 dot pairs (a[i], b[i]) of two 16-word rows (b == nullptr: zeros); idx = pair_index(0)
+KVC_BF16_TARGET static inline __m512i pairs16(const uint16_t* a, const uint16_t* b, __m512i idx) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  const __m256i y = b != nullptr ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)) : _mm256_setzero_si256();
+  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(x), idx, _mm512_castsi256_si512(y));
+}
+
 // pack window slots [0, n) of KV head h (pages bt row btr) into kp / vp (layouts above)
 KVC_BF16_TARGET static void pack_window_bf16(const uint16_t* kbase, const uint16_t* vbase, const int32_t* btr,
                                              const PagedArgs& pa, int h, int n, uint16_t* kp, uint16_t* vp) {
@@ -660,12 +674,7 @@ KVC_BF16_TARGET static void pack_window_bf16(const uint16_t* kbase, const uint16
     return;
   }
   if (bs % 16 == 0) {  // each 16-token half of a block lies in one page
-    alignas(64) uint16_t lo[32], hi[32];
-    for (int t = 0; t < 16; ++t) {
-      lo[2 * t] = static_cast<uint16_t>(t), lo[2 * t + 1] = static_cast<uint16_t>(32 + t);
-      hi[2 * t] = static_cast<uint16_t>(16 + t), hi[2 * t + 1] = static_cast<uint16_t>(48 + t);
-    }
-    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+    const __m512i ilo = pair_index(0), ihi = pair_index(16);
     for (int b = 0; b < nkb; ++b) {
       const uint16_t* src[2];
       __mmask16 mask[2];
@@ -699,9 +708,7 @@ KVC_BF16_TARGET static void pack_window_bf16(const uint16_t* kbase, const uint16
         }
   }
   if (vp == nullptr) return;
-  alignas(64) uint16_t iv[32];
-  for (int d = 0; d < 16; ++d) iv[2 * d] = static_cast<uint16_t>(d), iv[2 * d + 1] = static_cast<uint16_t>(16 + d);
-  const __m512i vidx = _mm512_load_si512(iv);
+  const __m512i idx = pair_index(0);
   auto vrow = [&](int t) {
     return vbase + static_cast<int64_t>(btr[t / bs]) * pa.sv0 + h * pa.sv1 + static_cast<int64_t>(t % bs) * D;
   };
@@ -709,13 +716,8 @@ KVC_BF16_TARGET static void pack_window_bf16(const uint16_t* kbase, const uint16
     const uint16_t* ra = vrow(2 * p);
     const uint16_t* rb = 2 * p + 1 < n ? vrow(2 * p + 1) : nullptr;
     uint16_t* dst = vp + static_cast<int64_t>(p) * 2 * D;
-    for (int c = 0; c < D; c += 16) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ra + c));
-      const __m256i b = rb != nullptr ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + c))
-                                      : _mm256_setzero_si256();
-      const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-      _mm512_storeu_si512(dst + 2 * c, _mm512_permutexvar_epi16(vidx, ab));
-    }
+    for (int c = 0; c < D; c += 16)
+      _mm512_storeu_si512(dst + 2 * c, pairs16(ra + c, rb != nullptr ? rb + c : nullptr, idx));
   }
 }
 
@@ -744,28 +746,28 @@ KVC_BF16_TARGET static inline void qk_dot_tile(const uint16_t* const* qr, const 
   }
 }
 
-// out_m[d0 .. d0 + 16*NV) = bf16(inv_m * sum_p P_m[2p, 2p+1] . V[2p, 2p+1][d]) over npair token pairs
-template <int MR, int NV>
-KVC_BF16_TARGET static inline void pv_dot_tile(const uint16_t* const* pr, const uint16_t* vp, int D, int npair, int d0,
-                                               const float* inv, uint16_t* const* orow) {
+// out_m[d0 .. d0 + 16*NV) = bf16(inv_m * sum_p P_m[2p, 2p+1] . V[2p, 2p+1][d]) over npair token pairs;
+// vpairs(p, c): token pair p's 16 dot pairs (v[2p][d], v[2p+1][d]) for d = c .. c + 15
+template <int MR, int NV, typename VPairs>
+KVC_BF16_TARGET static inline void pv_dot_tile(const uint16_t* const* pr, int npair, int d0, const float* inv,
+                                               uint16_t* const* orow, const VPairs& vpairs) {
   __m512 acc[MR][NV];
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
   for (int p = 0; p < npair; ++p) {
     __m512bh vv[NV];
-    const uint16_t* row = vp + static_cast<int64_t>(p) * 2 * D + 2 * d0;
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vv[v] = (__m512bh)_mm512_loadu_si512(row + 32 * v);
-#pragma GCC unroll 6
+    for (int v = 0; v < NV; ++v) vv[v] = (__m512bh)vpairs(p, d0 + 16 * v);
+#pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word_at(pr[m] + 2 * p)));
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, vv[v]);
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     const __m512 s = _mm512_set1_ps(inv[m]);
 #pragma GCC unroll 4
@@ -775,23 +777,26 @@ KVC_BF16_TARGET static inline void pv_dot_tile(const uint16_t* const* pr, const 
   }
 }
 
-template <int MR>
-KVC_BF16_TARGET static void pv_dot_rows(const uint16_t* const* pr, const uint16_t* vp, int D, int npair,
-                                        const float* inv, uint16_t* const* orow) {
+// pv_dot_tile over all D (% 16 == 0) dims, 64 at a time
+template <int MR, typename VPairs>
+KVC_BF16_TARGET static void pv_dot_rows(const uint16_t* const* pr, int D, int npair, const float* inv,
+                                        uint16_t* const* orow, const VPairs& vpairs) {
   int d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) pv_dot_tile<MR, 4>(pr, vp, D, npair, d0, inv, orow);
+  for (; d0 + 64 <= D; d0 += 64) pv_dot_tile<MR, 4>(pr, npair, d0, inv, orow, vpairs);
   switch ((D - d0) / 16) {
-    case 3: pv_dot_tile<MR, 3>(pr, vp, D, npair, d0, inv, orow); break;
-    case 2: pv_dot_tile<MR, 2>(pr, vp, D, npair, d0, inv, orow); break;
-    case 1: pv_dot_tile<MR, 1>(pr, vp, D, npair, d0, inv, orow); break;
+    case 3: pv_dot_tile<MR, 3>(pr, npair, d0, inv, orow, vpairs); break;
+    case 2: pv_dot_tile<MR, 2>(pr, npair, d0, inv, orow, vpairs); break;
+    case 1: pv_dot_tile<MR, 1>(pr, npair, d0, inv, orow, vpairs); break;
     default: break;
   }
 }
 
-// x[0..n) (float, n % 32 == 0) -> bf16 (round to nearest even)
+// x[0..n) (float, n % 16 == 0) -> bf16 (round to nearest even)
 KVC_BF16_TARGET static void to_bf16(const float* x, int n, uint16_t* y) {
-  for (int j = 0; j < n; j += 32)
+  int j = 0;
+  for (; j + 32 <= n; j += 32)
     _mm512_storeu_si512(y + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(x + j)));
+  if (j < n) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
 }
 
 // f(tile rows, first row) over M rows in tiles of up to 6
@@ -818,9 +823,7 @@ static inline void by_tiles(int M, F&& f) {
 template <bool AMX>
 KVC_BF16_TARGET static inline __m512i key_pairs16(const uint16_t* kp, int bs, int D, int t0, int j, __m512i idx) {
   if (AMX) return _mm512_loadu_si512(kp + static_cast<int64_t>(t0) * D + j * 32);
-  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + static_cast<int64_t>(2 * j) * bs + t0));
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + static_cast<int64_t>(2 * j + 1) * bs + t0));
-  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
+  return pairs16(kp + static_cast<int64_t>(2 * j) * bs + t0, kp + static_cast<int64_t>(2 * j + 1) * bs + t0, idx);
 }
 
 // logits lg[g*ldl + t0 + 0..16*NC) = scale * q_g . k[t] for G rows, NC 16-token chunks of one page
@@ -850,61 +853,12 @@ KVC_BF16_TARGET static inline void qk_decode_dot(const uint16_t* const* qr, cons
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(lg + g * ldl + t0 + 16 * c, _mm512_mul_ps(acc[g][c], sv));
 }
 
-// out_g[d0 .. d0 + 16*NV) = bf16(inv_g * sum_t P_g[t] V[t][d]) over window slots [0, L), P as bf16 rows
-template <int G, int NV, bool AMX>
-KVC_BF16_TARGET static inline void pv_decode_dot(const uint16_t* const* pr, const uint16_t* const* vpages, int bs,
-                                                 int D, int L, int d0, const float* inv, uint16_t* const* orow) {
-  __m512 acc[G][NV];
-#pragma GCC unroll 8
-  for (int g = 0; g < G; ++g)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
-  alignas(64) uint16_t iv[32];
-  for (int d = 0; d < 16; ++d) iv[2 * d] = static_cast<uint16_t>(d), iv[2 * d + 1] = static_cast<uint16_t>(16 + d);
-  const __m512i vidx = _mm512_load_si512(iv);
-  for (int t = 0; t < L; t += 2) {
-    const uint16_t* vp = vpages[t / bs];
-    const int off = t % bs;
-    const bool pair = t + 1 < L;
-    __m512bh vv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const int c = d0 + 16 * v;
-      if (AMX) {
-        const __mmask32 m = pair ? ~__mmask32(0) : static_cast<__mmask32>(0x55555555u);
-        vv[v] = (__m512bh)_mm512_maskz_loadu_epi16(m, vp + static_cast<int64_t>(c) * bs + off / 2 * 32);
-      } else {
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp + static_cast<int64_t>(off) * D + c));
-        const __m256i b = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp + static_cast<int64_t>(off + 1) * D + c))
-                               : _mm256_setzero_si256();
-        vv[v] = (__m512bh)_mm512_permutexvar_epi16(vidx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
-      }
-    }
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word_at(pr[g] + t)));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_dpbf16_ps(acc[g][v], a, vv[v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int g = 0; g < G; ++g) {
-    const __m512 s = _mm512_set1_ps(inv[g]);
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow[g] + d0 + 16 * v),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][v], s)));
-  }
-}
-
 // one decode item: lg[g*ldl + 0..L) <- exp(logit - max) (zero up to ldl), inv[g] <- 1 / sum, out rows written
 template <int G, bool AMX>
 KVC_BF16_TARGET static void decode_item_dot(const uint16_t* const* qr, const uint16_t* const* kpages,
                                             const uint16_t* const* vpages, int bs, int D, int L, float scale,
                                             float* lg, int64_t ldl, float* inv, uint16_t* pb, uint16_t* const* orow) {
-  alignas(64) uint16_t ik[32];
-  for (int t = 0; t < 16; ++t) ik[2 * t] = static_cast<uint16_t>(t), ik[2 * t + 1] = static_cast<uint16_t>(32 + t);
-  const __m512i idx = _mm512_load_si512(ik);
+  const __m512i idx = pair_index(0);
   const int npg = (L + bs - 1) / bs;
   for (int pg = 0; pg < npg; ++pg) {
     const int n16 = std::min(bs, L - pg * bs + 15) / 16;  // 16-token chunks of this page holding window slots
@@ -920,18 +874,22 @@ KVC_BF16_TARGET static void decode_item_dot(const uint16_t* const* qr, const uin
     inv[g] = softmax_unnormalized(row, L);
     std::fill(row + L, row + lpad, 0.f);  // slots past the window (their logits may be garbage) weigh 0
     uint16_t* pbg = pb + static_cast<int64_t>(g) * lpad;
-    for (int x = 0; x < lpad; x += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pbg + x), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + x)));
+    to_bf16(row, lpad, pbg);
     pr[g] = pbg;
   }
-  int d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) pv_decode_dot<G, 4, AMX>(pr, vpages, bs, D, L, d0, inv, orow);
-  switch ((D - d0) / 16) {
-    case 3: pv_decode_dot<G, 3, AMX>(pr, vpages, bs, D, L, d0, inv, orow); break;
-    case 2: pv_decode_dot<G, 2, AMX>(pr, vpages, bs, D, L, d0, inv, orow); break;
-    case 1: pv_decode_dot<G, 1, AMX>(pr, vpages, bs, D, L, d0, inv, orow); break;
-    default: break;
-  }
+  // value pairs straight from the pages; an odd window's last pair has no second token
+  auto vpairs = [&](int p, int c) KVC_BF16_TARGET {
+    const int t = 2 * p, off = t % bs;
+    const uint16_t* vp = vpages[t / bs];
+    const bool pair = t + 1 < L;
+    if constexpr (AMX)
+      return _mm512_maskz_loadu_epi16(pair ? ~__mmask32(0) : static_cast<__mmask32>(0x55555555u),
+                                      vp + static_cast<int64_t>(c) * bs + off / 2 * 32);
+    else
+      return pairs16(vp + static_cast<int64_t>(off) * D + c, pair ? vp + static_cast<int64_t>(off + 1) * D + c : nullptr,
+                     idx);
+  };
+  pv_dot_rows<G>(pr, D, (L + 1) / 2, inv, orow, vpairs);
 }
 
 template <bool AMX>
@@ -1158,8 +1116,11 @@ KVC_BF16_TARGET static void chunk_item_bf16(const WItem& item, const uint16_t* q
       pr[r] = pb + r * ldl;
     }
     const int npair = (kmax + 1) / 2;
+    auto vpairs = [vp, D](int p, int c) KVC_BF16_TARGET {  // the packed window
+      return _mm512_loadu_si512(vp + static_cast<int64_t>(p) * 2 * D + 2 * c);
+    };
     by_tiles(M, [&](auto mr, int m0) KVC_BF16_TARGET {
-      pv_dot_rows<decltype(mr)::value>(pr + m0, vp, D, npair, inv + m0, orow + m0);
+      pv_dot_rows<decltype(mr)::value>(pr + m0, D, npair, inv + m0, orow + m0, vpairs);
     });
   }
 }

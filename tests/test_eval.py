@@ -242,14 +242,18 @@ def test_kv_option_overrides_every_policy_run():
             q.parse_args(bad)
 
 
-def test_ablation_run_without_full_cache(tmp_path, monkeypatch):
-    calls = []
-
+def _retrieval_worker(seen: list, what):
+    """A fake engine subprocess for retrieval jobs: records ``what(job)``, answers " 0." to every prompt."""
     def fake_worker(job, verbose=False, timeout=0.0):
-        calls.append(job["tag"])
+        seen.append(what(job))
         return {"seconds": {"start": 0.1}, **{t: [" 0."] * len(job[t]) for t in q.RETRIEVAL_TASKS if job.get(t)}}
 
-    monkeypatch.setattr(q, "run_in_subprocess", fake_worker)
+    return fake_worker
+
+
+def test_ablation_run_without_full_cache(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(q, "run_in_subprocess", _retrieval_worker(calls, lambda job: job["tag"]))
     argv = ["--policies", "h2o", "--retentions", "0.25", "--lengths", "1024", "--depths", "2", "--tasks",
             "passkey_once", "--no-full", "--kv", "h2o_kernel=1", "--out-dir", str(tmp_path)]
     assert q.main(argv) == 0 and calls == ["h2o 0.25"]
@@ -262,12 +266,7 @@ def test_dtype_reaches_every_engine_and_the_report(tmp_path, monkeypatch):
     """--dtype bfloat16: every worker engine runs bf16 (the bf16 kernels), the report says so,
     and --resume does not mix it with a float32 grid (it starts afresh)."""
     engines = []
-
-    def fake_worker(job, verbose=False, timeout=0.0):
-        engines.append(job["engine"])
-        return {"seconds": {"start": 0.1}, **{t: [" 0."] * len(job[t]) for t in q.RETRIEVAL_TASKS if job.get(t)}}
-
-    monkeypatch.setattr(q, "run_in_subprocess", fake_worker)
+    monkeypatch.setattr(q, "run_in_subprocess", _retrieval_worker(engines, lambda job: job["engine"]))
     argv = ["--policies", "h2o", "--retentions", "0.25", "--lengths", "1024", "--depths", "2", "--tasks",
             "passkey_once", "--out-dir", str(tmp_path)]
     assert q.main(argv + ["--dtype", "bfloat16"]) == 0
