@@ -155,6 +155,55 @@ def test_prefill_drop_in_a_mixed_batch_matches_oracle(model_dir, hf_model, promp
         close_llm(llm)
 
 
+def test_prefill_drop_keeps_prompts_whole(model_dir, hf_model, prompt_ids):
+    """With prefill_drop the scheduler does not split a prompt to fill a step's token
+    budget (a split prompt cannot drop): it waits for the next step and then drops,
+    generating what the dense oracle generates. A prompt that cannot fit whole beside
+    the running requests' decode tokens is chunked as vLLM does, without waiting."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kv = {"policy": "pyramid", "budget": 256, "prefill_drop": True}
+    a, b, _ = prompt_ids
+    budget = 2048
+    assert len(a) + len(b) > budget >= len(b) + 1
+    n_out = 16
+    llm = make_llm(model_dir, kv, max_num_batched_tokens=budget)
+    try:
+        eng = llm.llm_engine
+        sched = scheduler_of(llm)
+        greedy = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+
+        def computed(name):
+            return next(r.num_computed_tokens for k, r in sched.requests.items() if k.startswith(name))
+
+        outs = {}
+
+        def step():
+            for o in eng.step():
+                if o.finished:
+                    outs[o.request_id.split("-")[1]] = list(o.outputs[0].token_ids)
+
+        eng.add_request("whole-a", TokensPrompt(prompt_token_ids=a), greedy)
+        eng.add_request("whole-b", TokensPrompt(prompt_token_ids=b), greedy)
+        step()  # a whole; b does not fit the rest of the budget: it waits (vLLM would split it)
+        assert (computed("whole-a"), computed("whole-b")) == (len(a), 0)
+        step()  # a's decode token + b whole
+        assert computed("whole-b") == len(b)
+        # 2 requests running: a prompt of budget - 1 tokens can never fit whole beside
+        # their 2 decode tokens, so it is chunked now rather than waiting for them
+        long = (a + b)[: budget - 1]
+        eng.add_request("whole-long", TokensPrompt(prompt_token_ids=long), SamplingParams(max_tokens=1))
+        step()
+        assert computed("whole-long") == budget - 2
+        while eng.has_unfinished_requests():
+            step()
+        want, _ = DenseOracle(KVCompressConfig.from_dict(kv), model=hf_model).generate(b, n_out, eos_token_id=None)
+        assert outs["b"] == want
+    finally:
+        close_llm(llm)
+
+
 def test_request_budget_matches_oracle_at_that_budget(model_dir, hf_model, prompt_ids):
     """A request that lowers its own budget (SamplingParams.extra_args["kv_budget"])
     holds the pages of the lower budget in every group (scheduler side) and

@@ -16,7 +16,8 @@ module                 vLLM symbol it patches / registers
                        ``register_backend`` (the CPU backend lives here; CUSTOM
                        is ``attention_triton``'s, selected on CUDA)
 ``prefill_drop``       ``CPUModelRunner.load_model``, ``GPUModelRunner.load_model``
-                       (hooks on the decoder layers for ``--kv-prefill-drop``)
+                       (hooks on the decoder layers for ``--kv-prefill-drop``),
+                       ``Scheduler.schedule`` (prompts kept whole)
 ``prefix_cache``       ``KVCacheManager.prefix_cache_lookup_enabled``
 ``request_budget``     ``InputProcessor._validate_params``,
                        ``Scheduler.add_request``, ``Scheduler._free_blocks``
