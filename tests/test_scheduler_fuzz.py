@@ -267,3 +267,53 @@ def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
         assert not any(m.req_to_blocks.get(rid) for rid in by_id), "a finished request still holds a row"
         assert not m.req_tokens
     assert not (set(REQUEST_BUDGETS) & set(by_id)), "REQUEST_BUDGETS leaked a finished request"
+
+
+
+def _preemptions(sched, reqs: list[tuple[int, object]]) -> int:
+    """Drive ``sched`` (fake model: one fixed token per step) with ``(arrival step,
+    Request)`` pairs until every request finished; how many preemptions happened."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    preemptions = 0
+    for step in range(5000):
+        for arrive, r in reqs:
+            if arrive == step:
+                sched.add_request(r)
+        if step > max(a for a, _ in reqs) and not sched.requests:
+            return preemptions
+        so = sched.schedule()
+        ids = list(so.num_scheduled_tokens)
+        sampled = [[TOKEN] if sched.requests[rid].num_computed_tokens >= sched.requests[rid].num_tokens else []
+                   for rid in ids]
+        preemptions += len(so.preempted_req_ids or ())
+        sched.update_from_output(so, ModelRunnerOutput(req_ids=ids, req_id_to_index={rid: i for i, rid in enumerate(ids)},
+                                                       sampled_token_ids=sampled))
+    raise AssertionError("requests did not finish")
+
+
+def test_evicted_pages_are_freed_before_the_step_allocates(env, monkeypatch):
+    """A prompt prefilled in the last step holds its uncompressed pages until they are
+    freed; ``integration.schedule`` frees every running request's evicted pages before
+    vLLM allocates the step's, so the older requests growing a page never find the pool
+    empty and preempt the request that was just prefilled (vLLM frees inside each
+    request's own allocation, in running order). Requests arrive staggered, windows grow
+    a page per compaction cycle; no pool size preempts, and without the early free some do."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    from vllm_kvcompress.integration import schedule
+
+    kv = {"policy": "h2o", "budget": 60, "compress_interval": 16, "min_layer_budget": 16}
+    bs, prompt_len, out = 16, 160, 60
+    sp = SamplingParams(max_tokens=out, ignore_eos=True, temperature=0.0)
+
+    def run(num_blocks: int) -> int:
+        sched, _ = build_scheduler(env, kv, bs, num_blocks, False, 512, 8)
+        return _preemptions(sched, [(3 * i, Request(f"q{i}", [(11 * i + k) % 1000 for k in range(prompt_len)], sp,
+                                                    None)) for i in range(8)])
+
+    sizes = range(cdiv(prompt_len, bs) + 1, 45)
+    assert [run(n) for n in sizes] == [0] * len(sizes)
+    monkeypatch.setattr(schedule, "free_evicted", lambda scheduler: None)
+    assert any(run(n) for n in sizes), "no pool size preempts without the early free: the test proves nothing"

@@ -16,8 +16,9 @@ module                 vLLM symbol it patches / registers
                        ``register_backend`` (the CPU backend lives here; CUSTOM
                        is ``attention_triton``'s, selected on CUDA)
 ``prefill_drop``       ``CPUModelRunner.load_model``, ``GPUModelRunner.load_model``
-                       (hooks on the decoder layers for ``--kv-prefill-drop``),
-                       ``Scheduler.schedule`` (prompts kept whole)
+                       (hooks on the decoder layers for ``--kv-prefill-drop``)
+``schedule``           ``Scheduler.schedule`` (evicted pages freed before the
+                       step allocates; prompts kept whole under prefill_drop)
 ``prefix_cache``       ``KVCacheManager.prefix_cache_lookup_enabled``
 ``request_budget``     ``InputProcessor._validate_params``,
                        ``Scheduler.add_request``, ``Scheduler._free_blocks``
@@ -61,8 +62,9 @@ def apply_all() -> None:
         prefill_drop,
         prefix_cache,
         request_budget,
+        schedule,
     )
 
     for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, prefill_drop, prefix_cache, free_order,
-                request_budget, metrics):
+                request_budget, schedule, metrics):
         mod.apply()

@@ -1,8 +1,7 @@
-"""Patch points: ``vllm.v1.worker.cpu_model_runner.CPUModelRunner.load_model``
+"""Patch point: ``vllm.v1.worker.cpu_model_runner.CPUModelRunner.load_model``
 (and ``GPUModelRunner.load_model``): with ``prefill_drop`` on, forward pre-hooks
 go on the loaded model's decoder layers (``model.model.layers``) and a wrapper
-on ``model.model.forward``; and ``vllm.v1.core.sched.scheduler.Scheduler.schedule``,
-which keeps prompts whole (below).
+on ``model.model.forward``.
 
 PyramidInfer's prefill (``--kv-prefill-drop``): a prompt prefilled whole in one
 step is computed by layer 0 (the layers before ``prefill_drop_from``) at full
@@ -29,17 +28,8 @@ How the pieces meet in one forward pass:
 Requests with a prefix-cache hit, a chunked prompt or a resumed (preempted)
 request take the normal path: every layer computes every token, then evicts.
 
-So that prompts are not chunked needlessly, the scheduler keeps them whole:
-vLLM's chunked prefill fills each step's token budget by splitting the next
-waiting prompt at the budget's end, and such a split prompt cannot drop (on
-24 x 1.9K-token prompts with the CPU's 4,096-token budget, close to half of
-them were split and the prefill cost 2x what whole prompts cost). With
-``prefill_drop`` on, a step whose first waiting request fits the token budget
-beside one token per running request schedules waiting prompts as with
-``--no-enable-chunked-prefill`` (a prompt that does not fit what is left of
-this step's budget waits for the next step). A longer prompt, one that could
-not fit whole until requests finish, is chunked as vLLM does, so nothing waits
-on it.
+So that prompts are not split needlessly, the scheduler keeps a prompt that
+fits one step's token budget whole (``integration.schedule``).
 """
 
 from __future__ import annotations
@@ -221,49 +211,9 @@ def install(model) -> None:
     inner._kvcompress_drop_hooks = True
 
 
-# ---------------------------------------------------------------------------- scheduler
-def _first_waiting(scheduler):
-    for name in ("kv_holding_waiting", "waiting"):  # the order vLLM's scan drains them
-        queue = getattr(scheduler, name, None)
-        if queue:
-            return queue.peek_request()
-    return None
-
-
-def keeps_prompts_whole(scheduler) -> bool:
-    """Whether this step of ``scheduler`` schedules waiting prompts unsplit: ``prefill_drop``
-    is on, vLLM would chunk, and the first waiting request's remaining tokens fit the step's
-    token budget beside one token per running request."""
-    cfg = scheduler.scheduler_config
-    on = scheduler.__dict__.get("_kvcompress_prefill_drop")
-    if on is None:
-        on = scheduler.__dict__["_kvcompress_prefill_drop"] = kv_config_of(scheduler.vllm_config).prefill_drop
-    if not (on and cfg.enable_chunked_prefill):
-        return False
-    head = _first_waiting(scheduler)
-    return (head is not None
-            and head.num_tokens - head.num_computed_tokens <= cfg.max_num_batched_tokens - len(scheduler.running))
-
-
-def _wrap_schedule(original):
-    def schedule(self, *args, **kwargs):
-        if not keeps_prompts_whole(self):
-            return original(self, *args, **kwargs)
-        cfg = self.scheduler_config
-        cfg.enable_chunked_prefill = False  # vLLM's scan then defers a prompt that does not fit
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            cfg.enable_chunked_prefill = True
-    return schedule
-
-
 def apply() -> None:
-    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    patch_method(Scheduler, "schedule", _wrap_schedule)
 
     def wrap(original):
         def load_model(self, *args, **kwargs):
