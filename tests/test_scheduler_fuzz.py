@@ -317,3 +317,34 @@ def test_evicted_pages_are_freed_before_the_step_allocates(env, monkeypatch):
     assert [run(n) for n in sizes] == [0] * len(sizes)
     monkeypatch.setattr(schedule, "free_evicted", lambda scheduler: None)
     assert any(run(n) for n in sizes), "no pool size preempts without the early free: the test proves nothing"
+
+
+def test_keeps_prompts_whole_only_while_every_waiting_prompt_fits():
+    """prefill_drop's whole-prompt rule (``integration.schedule``): chunking is turned off
+    for a step only while every waiting request fits vLLM's per-step token budget
+    (``max_num_scheduled_tokens``, not ``max_num_batched_tokens``) beside one token per
+    running request, so a long prompt, even behind a short or blocked head, is chunked
+    as vLLM does and never waits forever."""
+    from types import SimpleNamespace
+
+    from vllm_kvcompress.config import KVCompressConfig
+    from vllm_kvcompress.integration.schedule import keeps_prompts_whole
+
+    def req(n, computed=0):
+        return SimpleNamespace(num_tokens=n, num_computed_tokens=computed)
+
+    def sched(waiting, running=0, drop=True, chunked=True, holding=()):
+        kv = KVCompressConfig(policy="pyramid", budget=0.25, prefill_drop=drop)
+        return SimpleNamespace(
+            scheduler_config=SimpleNamespace(enable_chunked_prefill=chunked, max_num_batched_tokens=4096),
+            max_num_scheduled_tokens=2048, running=[object()] * running, waiting=list(waiting),
+            kv_holding_waiting=list(holding), vllm_config=SimpleNamespace(additional_config={"kv_compress": kv}))
+
+    assert keeps_prompts_whole(sched([req(1900), req(2000)], running=48))
+    assert not keeps_prompts_whole(sched([]))  # nothing waits
+    assert not keeps_prompts_whole(sched([req(1900)], drop=False))
+    assert not keeps_prompts_whole(sched([req(1900)], chunked=False))  # vLLM does not chunk anyway
+    assert not keeps_prompts_whole(sched([req(2000)], running=49))  # 2000 > 2048 - 49
+    assert not keeps_prompts_whole(sched([req(100), req(3000)]))  # the per-step budget is 2048, not 4096
+    assert not keeps_prompts_whole(sched([req(3000)], holding=[req(5)]))  # a short (e.g. blocked) head, a long one behind
+    assert keeps_prompts_whole(sched([req(3000, computed=2000)]))  # its remaining 1000 tokens fit

@@ -18,11 +18,13 @@ group compresses (``kv_manager.CompressedKVCacheManager``):
   step's token budget by splitting the next waiting prompt, and a split prompt
   cannot drop (``integration.prefill_drop``): on 24 x 1.9K-token prompts with
   the CPU's 4,096-token budget about half were split, and the prefill cost twice
-  what whole prompts cost. When the first waiting request fits the budget
-  beside one token per running request, the step runs as with
-  ``--no-enable-chunked-prefill`` (a prompt that does not fit what is left of
-  the budget waits for the next step). A longer prompt, one that could not fit
-  whole until requests finish, is chunked as vLLM does, so nothing waits on it.
+  what whole prompts cost. When every waiting request fits the step's token
+  budget beside one token per running request, the step runs as with
+  ``--no-enable-chunked-prefill``: a prompt that does not fit what is left of
+  the budget waits for the next step. While some waiting request is longer
+  (it could not fit whole until requests finish) vLLM chunks as usual, so no
+  request can wait forever on the rule. ``--long-prefill-token-threshold``
+  still splits prompts (vLLM applies it before this check).
 """
 
 from __future__ import annotations
@@ -49,27 +51,29 @@ def free_evicted(scheduler) -> None:
                                   num_prompt_tokens=req.num_prompt_tokens)
 
 
-def _first_waiting(scheduler):
-    for name in ("kv_holding_waiting", "waiting"):  # the order vLLM's scan drains them
-        queue = getattr(scheduler, name, None)
-        if queue:
-            return queue.peek_request()
-    return None
+def _waiting(scheduler):
+    for name in ("kv_holding_waiting", "waiting"):  # every request vLLM's scan may reach
+        yield from getattr(scheduler, name, None) or ()
 
 
 def keeps_prompts_whole(scheduler) -> bool:
     """Whether this step schedules waiting prompts unsplit: ``prefill_drop`` is on,
-    vLLM would chunk, and the first waiting request's remaining tokens fit the step's
-    token budget beside one token per running request."""
+    vLLM would chunk, some request waits, and every waiting request's remaining tokens
+    fit the step's token budget (vLLM's ``max_num_scheduled_tokens``) beside one token
+    per running request."""
     cfg = scheduler.scheduler_config
     on = scheduler.__dict__.get("_kvcompress_prefill_drop")
     if on is None:
         on = scheduler.__dict__["_kvcompress_prefill_drop"] = kv_config_of(scheduler.vllm_config).prefill_drop
     if not (on and cfg.enable_chunked_prefill):
         return False
-    head = _first_waiting(scheduler)
-    return (head is not None
-            and head.num_tokens - head.num_computed_tokens <= cfg.max_num_batched_tokens - len(scheduler.running))
+    room = scheduler.max_num_scheduled_tokens - len(scheduler.running)
+    waiting = False
+    for req in _waiting(scheduler):
+        if req.num_tokens - req.num_computed_tokens > room:
+            return False
+        waiting = True
+    return waiting
 
 
 def _wrap_schedule(original):
