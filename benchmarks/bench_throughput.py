@@ -308,6 +308,7 @@ class Runner:
             "pool_token_slots_all_layers": pool_tokens,
             "evicted_tokens": stats.get("evicted_tokens"),
             "freed_pages": stats.get("freed_pages"),
+            "preemptions": stats.get("preemptions"),
         }
 
 
@@ -548,7 +549,7 @@ def print_table(table: dict, args) -> tuple[str, list, list]:
            f"{args.block_size if args.block_size else 'per-run default'} (used: {', '.join(map(str, bs_used)) or 'n/a'}), "
            f"{os.cpu_count()} CPU cores")
     cols = ["run", "req/s", "x van", "out tok/s", "x van", "peak run", "x van", "mean run", "pages/req",
-            "pages x bs", "KV slots/req", "x van", "KV fits req", "evicted tok"]
+            "pages x bs", "KV slots/req", "x van", "KV fits req", "evicted tok", "preempted"]
     rows = []
     for r in runs:
         v = r["vs_vanilla"]
@@ -558,7 +559,7 @@ def print_table(table: dict, args) -> tuple[str, list, list]:
                      fmt(r["pages_per_req"], ".1f"), fmt(r["kv_tokens_per_req_pages_x_bs"], ".0f"),
                      fmt(r["kv_token_slots_per_req_all_layers"], ".0f"),
                      fmt(v["kv_token_slots_per_req_all_layers"], ".2f"), fmt(r["kv_capacity_reqs"], ".1f"),
-                     fmt(r["evicted_tokens"], "d")])
+                     fmt(r["evicted_tokens"], "d"), fmt(r["preemptions"], "d")])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     out = [hdr, "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))]
     for row in rows:
@@ -848,7 +849,8 @@ def write_main_md(path: Path, table: dict, text: str, cols, rows, checks, bounds
               "page size (token slots per page; with a policy on, a page holds one KV-cache group's layers only); "
               "*KV slots/req* = share of the pool per running request x the pool's capacity in token slots over all "
               "layers (comparable across runs); *KV fits req* = pool pages / pages per running request, the "
-              "concurrency the KV memory allows at that footprint; *evicted tok* = tokens evicted, summed over layers. From the plugin's "
+              "concurrency the KV memory allows at that footprint; *evicted tok* = tokens evicted, summed over layers; "
+              "*preempted* = preemptions (each recomputes a request's prompt). From the plugin's "
               "`VLLM_KVCOMPRESS_STATS_FILE`; n/a = not reported.",
           "", "## Targets", "", "| run | metric | target | measured | result |", "|---|---|---|---:|---|"]
     for c in checks:

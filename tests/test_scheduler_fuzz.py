@@ -348,3 +348,26 @@ def test_keeps_prompts_whole_only_while_every_waiting_prompt_fits():
     assert not keeps_prompts_whole(sched([req(100), req(3000)]))  # the per-step budget is 2048, not 4096
     assert not keeps_prompts_whole(sched([req(3000)], holding=[req(5)]))  # a short (e.g. blocked) head, a long one behind
     assert keeps_prompts_whole(sched([req(3000, computed=2000)]))  # its remaining 1000 tokens fit
+
+
+def test_stats_count_each_preemption_once():
+    """The stats file's ``preemptions`` (``metrics._Tracker``): every preemption of every
+    request counted once, whether it is seen over one step or several, and after the
+    request finished."""
+    from types import SimpleNamespace
+
+    from vllm_kvcompress.integration.metrics import _Tracker
+
+    pool = SimpleNamespace(num_gpu_blocks=11, get_num_free_blocks=lambda: 5)
+    a, b = SimpleNamespace(num_preemptions=0), SimpleNamespace(num_preemptions=0)
+    sched = SimpleNamespace(running=[a], requests={"a": a, "b": b},
+                            kv_cache_manager=SimpleNamespace(block_pool=pool))
+    t = _Tracker()
+    t.step(sched)
+    b.num_preemptions = 2  # twice between two steps
+    t.step(sched)
+    t.step(sched)
+    a.num_preemptions = 1
+    del sched.requests["b"]
+    t.step(sched)
+    assert t.preemptions == 3

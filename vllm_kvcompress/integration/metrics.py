@@ -24,7 +24,7 @@ them before vLLM's loggers read the mapping (plugin loggers run first).
 For benchmarks that run without stats logging (``vllm bench throughput``), set
 ``VLLM_KVCOMPRESS_STATS_FILE=/path.json``: the engine core then rewrites that
 file every 50 steps, whenever the engine drains and at shutdown with peak/mean running requests, KV pages
-per running request and the eviction totals.
+per running request, the eviction totals and the number of preemptions.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ class _Tracker:
         self.sent_freed = 0
         self.written_at = -1
         self.started = time.time()
+        self.preemptions = 0
+        self._preempted: dict[str, int] = {}  # request id -> preemptions counted so far
 
     def step(self, scheduler) -> None:
         running = len(scheduler.running)
@@ -72,6 +74,13 @@ class _Tracker:
         self.peak_running = max(self.peak_running, running)
         self.sum_pages += pages
         self.peak_pages = max(self.peak_pages, pages)
+        for rid, req in scheduler.requests.items():
+            n = req.num_preemptions
+            if n and n != self._preempted.get(rid, 0):
+                self.preemptions += n - self._preempted.get(rid, 0)
+                self._preempted[rid] = n
+        if len(self._preempted) > 2 * len(scheduler.requests) + 64:  # forget finished requests
+            self._preempted = {k: v for k, v in self._preempted.items() if k in scheduler.requests}
 
     def summary(self, scheduler) -> dict:
         mgrs = compressed_managers(scheduler)
@@ -86,6 +95,7 @@ class _Tracker:
             "block_size": scheduler.cache_config.block_size,
             "evicted_tokens": sum(m.evicted_tokens for m in mgrs),
             "freed_pages": sum(m.freed_blocks for m in mgrs),
+            "preemptions": self.preemptions,
             "seconds": time.time() - self.started,
         }
 
