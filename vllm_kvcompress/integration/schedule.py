@@ -9,11 +9,12 @@ group compresses (``kv_manager.CompressedKVCacheManager``):
   in the last step still holds every page of its uncompressed prompt until its
   turn comes, so the requests scheduled before it found the pool empty, and
   vLLM preempted the newest request: the one that had just been prefilled,
-  recomputed from scratch, and preempted again the next time (3 times in a row
-  for one of 24 x 1.9K-token H2O requests at 25%, ~10 s of a 100 s run). The
-  wrapper frees every running request's evicted pages before vLLM allocates
-  any, with the same committed-token count vLLM uses (so a second call inside
-  ``allocate_slots`` frees nothing more).
+  recomputed from scratch, and preempted again the next time (several times in
+  a row in the H2O 25% run of ``benchmarks/bench_throughput.py``). The
+  wrapper frees the evicted pages of every running request that computed a
+  prompt (or a chunk) in the last step before vLLM allocates any, with the same
+  committed-token count vLLM uses (so the call inside ``allocate_slots`` frees
+  nothing more).
 * **Prompts stay whole under** ``prefill_drop``. vLLM's chunked prefill fills a
   step's token budget by splitting the next waiting prompt, and a split prompt
   cannot drop (``integration.prefill_drop``): on 24 x 1.9K-token prompts with
@@ -32,23 +33,29 @@ from __future__ import annotations
 from vllm_kvcompress.integration.common import kv_config_of, patch_method
 
 
-def _compressed(scheduler) -> bool:
-    on = scheduler.__dict__.get("_kvcompress_compressed")
-    if on is None:
+def _compressed(scheduler):
+    """The first compressed KV-cache manager of ``scheduler``, or None."""
+    if "_kvcompress_manager" not in scheduler.__dict__:
         from vllm_kvcompress.integration.kv_manager import CompressedKVCacheManager
 
         managers = getattr(getattr(scheduler.kv_cache_manager, "coordinator", None), "single_type_managers", ())
-        on = scheduler.__dict__["_kvcompress_compressed"] = any(
-            isinstance(m, CompressedKVCacheManager) for m in managers)
-    return on
+        scheduler.__dict__["_kvcompress_manager"] = next(
+            (m for m in managers if isinstance(m, CompressedKVCacheManager)), None)
+    return scheduler.__dict__["_kvcompress_manager"]
 
 
 def free_evicted(scheduler) -> None:
-    """Free the pages every running request's compacted windows left behind."""
+    """Free the pages the compacted windows of running requests left behind, for every
+    request that computed more than one token since its last allocation (a prompt or a
+    chunk of it: what it held uncompressed). A decode step frees at most a page per
+    compaction, which its own allocation returns as before."""
     kvm = scheduler.kv_cache_manager
+    last = _compressed(scheduler).req_tokens  # request -> (computed tokens at its last allocation, retained)
     for req in scheduler.running:
-        kvm.remove_skipped_blocks(req.request_id, max(0, req.num_computed_tokens - req.num_in_flight_tokens),
-                                  num_prompt_tokens=req.num_prompt_tokens)
+        done = max(0, req.num_computed_tokens - req.num_in_flight_tokens)
+        prev = last.get(req.request_id)
+        if done - (prev[0] if prev is not None else 0) > 1:
+            kvm.remove_skipped_blocks(req.request_id, done, num_prompt_tokens=req.num_prompt_tokens)
 
 
 def _waiting(scheduler):
@@ -78,7 +85,7 @@ def keeps_prompts_whole(scheduler) -> bool:
 
 def _wrap_schedule(original):
     def schedule(self, *args, **kwargs):
-        if not _compressed(self):
+        if _compressed(self) is None:
             return original(self, *args, **kwargs)
         free_evicted(self)
         if not keeps_prompts_whole(self):
