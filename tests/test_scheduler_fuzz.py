@@ -269,11 +269,12 @@ def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
     assert not (set(REQUEST_BUDGETS) & set(by_id)), "REQUEST_BUDGETS leaked a finished request"
 
 
-
 def _preemptions(sched, reqs: list[tuple[int, object]]) -> int:
     """Drive ``sched`` (fake model: one fixed token per step) with ``(arrival step,
     Request)`` pairs until every request finished; how many preemptions happened."""
     from vllm.v1.outputs import ModelRunnerOutput
+
+    from vllm_kvcompress.integration.metrics import _tracker
 
     preemptions = 0
     for step in range(5000):
@@ -281,6 +282,8 @@ def _preemptions(sched, reqs: list[tuple[int, object]]) -> int:
             if arrive == step:
                 sched.add_request(r)
         if step > max(a for a, _ in reqs) and not sched.requests:
+            # the stats file's count (metrics: Scheduler._preempt_request) agrees
+            assert _tracker(sched).preemptions == preemptions
             return preemptions
         so = sched.schedule()
         ids = list(so.num_scheduled_tokens)
@@ -349,25 +352,3 @@ def test_keeps_prompts_whole_only_while_every_waiting_prompt_fits():
     assert not keeps_prompts_whole(sched([req(3000)], holding=[req(5)]))  # a short (e.g. blocked) head, a long one behind
     assert keeps_prompts_whole(sched([req(3000, computed=2000)]))  # its remaining 1000 tokens fit
 
-
-def test_stats_count_each_preemption_once():
-    """The stats file's ``preemptions`` (``metrics._Tracker``): every preemption of every
-    request counted once, whether it is seen over one step or several, and after the
-    request finished."""
-    from types import SimpleNamespace
-
-    from vllm_kvcompress.integration.metrics import _Tracker
-
-    pool = SimpleNamespace(num_gpu_blocks=11, get_num_free_blocks=lambda: 5)
-    a, b = SimpleNamespace(num_preemptions=0), SimpleNamespace(num_preemptions=0)
-    sched = SimpleNamespace(running=[a], requests={"a": a, "b": b},
-                            kv_cache_manager=SimpleNamespace(block_pool=pool))
-    t = _Tracker()
-    t.step(sched)
-    b.num_preemptions = 2  # twice between two steps
-    t.step(sched)
-    t.step(sched)
-    a.num_preemptions = 1
-    del sched.requests["b"]
-    t.step(sched)
-    assert t.preemptions == 3

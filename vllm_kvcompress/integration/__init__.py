@@ -22,7 +22,8 @@ module                 vLLM symbol it patches / registers
 ``prefix_cache``       ``KVCacheManager.prefix_cache_lookup_enabled``
 ``request_budget``     ``InputProcessor._validate_params``,
                        ``Scheduler.add_request``, ``Scheduler._free_blocks``
-``metrics``            ``Scheduler.make_stats``, ``Scheduler.shutdown``; its
+``metrics``            ``Scheduler.make_stats``, ``Scheduler.shutdown``,
+                       ``Scheduler._preempt_request``; its
                        ``KVCompressStatLogger`` is the ``vllm.stat_logger_plugins``
                        entry point (Prometheus series on ``/metrics``)
 =====================  ==========================================================

@@ -1,5 +1,5 @@
-"""Patch points: ``vllm.v1.core.sched.scheduler.Scheduler.make_stats`` and
-``Scheduler.shutdown`` (engine core), plus :class:`KVCompressStatLogger`, a
+"""Patch points: ``vllm.v1.core.sched.scheduler.Scheduler.make_stats``,
+``Scheduler.shutdown`` and ``Scheduler._preempt_request`` (engine core), plus :class:`KVCompressStatLogger`, a
 ``vllm.stat_logger_plugins`` entry point (front end).
 
 Compression metrics on the server's ``/metrics`` (vLLM naming):
@@ -60,8 +60,7 @@ class _Tracker:
         self.sent_freed = 0
         self.written_at = -1
         self.started = time.time()
-        self.preemptions = 0
-        self._preempted: dict[str, int] = {}  # request id -> preemptions counted so far
+        self.preemptions = 0  # counted by the Scheduler._preempt_request wrapper
 
     def step(self, scheduler) -> None:
         running = len(scheduler.running)
@@ -74,13 +73,6 @@ class _Tracker:
         self.peak_running = max(self.peak_running, running)
         self.sum_pages += pages
         self.peak_pages = max(self.peak_pages, pages)
-        for rid, req in scheduler.requests.items():
-            n = req.num_preemptions
-            if n and n != self._preempted.get(rid, 0):
-                self.preemptions += n - self._preempted.get(rid, 0)
-                self._preempted[rid] = n
-        if len(self._preempted) > 2 * len(scheduler.requests) + 64:  # forget finished requests
-            self._preempted = {k: v for k, v in self._preempted.items() if k in scheduler.requests}
 
     def summary(self, scheduler) -> dict:
         mgrs = compressed_managers(scheduler)
@@ -163,8 +155,15 @@ def apply() -> None:
                 original(self)
         return shutdown
 
+    def wrap_preempt(original):
+        def _preempt_request(self, *args, **kwargs):
+            _tracker(self).preemptions += 1
+            return original(self, *args, **kwargs)
+        return _preempt_request
+
     patch_method(Scheduler, "make_stats", wrap_stats)
     patch_method(Scheduler, "shutdown", wrap_shutdown)
+    patch_method(Scheduler, "_preempt_request", wrap_preempt)
 
 
 class KVCompressStatLogger(AggregateStatLoggerBase):

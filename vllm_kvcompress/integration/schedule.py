@@ -9,12 +9,11 @@ group compresses (``kv_manager.CompressedKVCacheManager``):
   in the last step still holds every page of its uncompressed prompt until its
   turn comes, so the requests scheduled before it found the pool empty, and
   vLLM preempted the newest request: the one that had just been prefilled,
-  recomputed from scratch, and preempted again the next time (several times in
-  a row in the H2O 25% run of ``benchmarks/bench_throughput.py``). The
-  wrapper frees the evicted pages of every running request that computed a
-  prompt (or a chunk) in the last step before vLLM allocates any, with the same
-  committed-token count vLLM uses (so the call inside ``allocate_slots`` frees
-  nothing more).
+  recomputed from scratch, and could be preempted again the next time (what held
+  H2O at 25% below 1.4x vanilla in ``benchmarks/bench_throughput.py``). The
+  wrapper frees every running request's evicted pages before vLLM allocates
+  any, with the same committed-token count vLLM uses (so the call inside
+  ``allocate_slots`` frees nothing more).
 * **Prompts stay whole under** ``prefill_drop``. vLLM's chunked prefill fills a
   step's token budget by splitting the next waiting prompt, and a split prompt
   cannot drop (``integration.prefill_drop``): on 24 x 1.9K-token prompts with
@@ -45,17 +44,14 @@ def _compressed(scheduler):
 
 
 def free_evicted(scheduler) -> None:
-    """Free the pages the compacted windows of running requests left behind, for every
-    request that computed more than one token since its last allocation (a prompt or a
-    chunk of it: what it held uncompressed). A decode step frees at most a page per
-    compaction, which its own allocation returns as before."""
+    """Free the pages every running request's compacted windows left behind: a prompt's
+    (or chunk's) uncompressed pages after its prefill, and the pages a compaction freed
+    (``compress_interval`` tokens at a time: more than one page when pages are smaller)."""
     kvm = scheduler.kv_cache_manager
-    last = _compressed(scheduler).req_tokens  # request -> (computed tokens at its last allocation, retained)
     for req in scheduler.running:
+        # the committed-token count vLLM's allocate_slots frees by (kv_cache_manager.py)
         done = max(0, req.num_computed_tokens - req.num_in_flight_tokens)
-        prev = last.get(req.request_id)
-        if done - (prev[0] if prev is not None else 0) > 1:
-            kvm.remove_skipped_blocks(req.request_id, done, num_prompt_tokens=req.num_prompt_tokens)
+        kvm.remove_skipped_blocks(req.request_id, done, num_prompt_tokens=req.num_prompt_tokens)
 
 
 def _waiting(scheduler):
