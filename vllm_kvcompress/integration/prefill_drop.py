@@ -28,8 +28,8 @@ How the pieces meet in one forward pass:
 Requests with a prefix-cache hit, a chunked prompt or a resumed (preempted)
 request take the normal path: every layer computes every token, then evicts.
 
-So that prompts are not split needlessly, the scheduler keeps a prompt that
-fits one step's token budget whole (``integration.schedule``).
+So that prompts are not split needlessly, the scheduler keeps prompts whole
+while every waiting prompt fits one step's token budget (``integration.schedule``).
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ group compresses (``kv_manager.CompressedKVCacheManager``):
   ``allocate_slots`` frees nothing more).
 * **Prompts stay whole under** ``prefill_drop``. vLLM's chunked prefill fills a
   step's token budget by splitting the next waiting prompt, and a split prompt
-  cannot drop (``integration.prefill_drop``): on 24 x 1.9K-token prompts with
-  the CPU's 4,096-token budget about half were split, and the prefill cost twice
-  what whole prompts cost. When every waiting request fits the step's token
+  cannot drop (``integration.prefill_drop``): a 4,096-token step holds two
+  1.9K-token prompts and part of a third, so about one prompt in two was split,
+  and the prefill-only run of ``benchmarks/bench_throughput.py`` took 1.38 s per
+  prompt against 0.76-0.79 s with whole prompts. When every waiting request fits the step's token
   budget beside one token per running request, the step runs as with
   ``--no-enable-chunked-prefill``: a prompt that does not fit what is left of
   the budget waits for the next step. While some waiting request is longer
