@@ -123,9 +123,10 @@ def _positions(llm, sched) -> dict[str, list]:
         for g, group in enumerate(groups):
             m = managers[g]
             budget = m.budget(req.num_prompt_tokens, req.request_id)
-            start = paging.window_start(c, budget, m.interval, m.block_size)
+            rule = m.retention_args(req.num_prompt_tokens)
+            start = paging.window_start(c, budget, m.interval, m.block_size, **rule)
             live = [b.block_id for b in m.req_to_blocks[req.request_id]][start:]
-            count = paging.retained_count(c, budget, m.interval)
+            count = paging.retained_count(c, budget, m.interval, **rule)
             for name in group.layer_names:
                 pos = ctx[name].impl.retained_positions(live, count)
                 out[f"{rid.split('-')[0]}/L{extract_layer_index(name)}"] = pos.tolist()

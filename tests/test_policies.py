@@ -399,3 +399,28 @@ def test_accumulate_cannot_be_overridden():
         class Squared(H2OPolicy):
             def accumulate(self, acc, probs, weights, key_mask=None):
                 return acc + probs.sum()
+
+
+@pytest.mark.parametrize("name", ["pyramid", "snapkv", "h2o"])
+def test_pooling_ranks_selectable_slots_only(name):
+    """The protected slots (sinks, recent window) are kept anyway; their scores must not be
+    max-pooled onto the slots beside them (issue #27: 7 of 20 picks went to slots 0-6).
+    A faint peak in the middle of the selectable range wins the free slots, not the
+    neighbours of a huge sink score or of the window's strongly local votes."""
+    from vllm_kvcompress.policies import compress_step, get_policy, select_tokens
+
+    cfg = KVCompressConfig(policy=name, budget=0.25, sinks=4, recent_window=32)
+    policy = get_policy(cfg)
+    K, free = 400, 5
+    acc = torch.full((3, K), 1e-4)
+    acc[:, :4] = 50.0  # sinks
+    acc[:, -32:] = 5.0  # the observation window's own keys
+    peak = 200
+    acc[:, peak] = 0.5
+    keep = 4 + 32 + free
+    kept, _ = compress_step(policy, acc, keep, keep)
+    chosen = [s for s in kept[0].tolist() if 4 <= s < K - 32]
+    assert len(chosen) == free
+    assert all(abs(s - peak) <= policy.kernel // 2 for s in chosen), chosen
+    toks = select_tokens(policy, acc, keep, keep).tolist()
+    assert all(abs(s - peak) <= policy.kernel // 2 for s in toks if 4 <= s < K - 32), toks

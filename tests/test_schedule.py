@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 
 from vllm_kvcompress.config import KVCompressConfig
@@ -234,3 +236,21 @@ def test_pyramidkv_matches_reference(cap, q_len):
     assert abs(_mean(b) - cap) <= 0.5
     if cap == 2048 and q_len == 3000:
         assert b[0] == q_len  # clamped: the top layer keeps the whole prompt
+
+
+def test_retained_count_hold_until_prompt_end():
+    """prompt_compaction once (hold_until = the prompt length): every token is kept until the
+    prompt's last chunk, which compacts to what a one-step prefill holds; from there on the
+    rule is unchanged (also with grow_from)."""
+    budget, interval, prompt = 10, 4, 25
+    held = [retained_count(c, budget, interval, hold_until=prompt) for c in range(1, 40)]
+    assert held[:prompt - 1] == list(range(1, prompt))
+    assert held[prompt - 1:] == [retained_count(c, budget, interval) for c in range(prompt, 40)]
+    both = [retained_count(c, budget, interval, grow_from=prompt, hold_until=prompt) for c in range(1, 40)]
+    assert both == [c if c < prompt else retained_count(c, budget, interval, grow_from=prompt) for c in range(1, 40)]
+    got = retained_count(np.array([20, 30]), np.array([10, 10]), 4, hold_until=np.array([25, 25]))
+    assert got.tolist() == [20, retained_count(30, 10, 4)]
+    cfg = KVCompressConfig(policy="snapkv", budget=0.5)
+    assert cfg.retention_args(900) == {"grow_from": None, "hold_until": 900}
+    cfg = KVCompressConfig(policy="snapkv", budget=0.5, decode_evict=False, prompt_compaction="per-chunk")
+    assert cfg.retention_args(900) == {"grow_from": 900, "hold_until": None}

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from vllm_kvcompress import paging
 from vllm_kvcompress.config import ConfigError, KVCompressConfig, request_budget
+from vllm_kvcompress.policies.schedule import max_slots
 
 pytest.importorskip("vllm")
 
@@ -107,7 +108,8 @@ def scenarios(draw):
     # vLLM's prefix cache stays on for them)
     budget = draw(st.one_of(st.integers(2 * bs, 200), st.sampled_from([0.25, 0.5, 0.75]), st.integers(300, 600)))
     kv = dict(policy=policy, budget=budget, compress_interval=draw(st.sampled_from([1, 4, 8, 32])),
-              min_layer_budget=draw(st.sampled_from([16, 64])))
+              min_layer_budget=draw(st.sampled_from([16, 64])),
+              prompt_compaction=draw(st.sampled_from(["once", "per-chunk"])))
     if policy == "pyramid":
         kv["num_stages"] = draw(st.sampled_from([1, 3, 6]))
     try:
@@ -146,7 +148,8 @@ def pool_size(spec, specs, max_batched, interval):
         need = 0
         for s in specs:
             B = s.budget(P, r["kv_budget"])
-            need += min(cdiv(P + T, bs), cdiv(B + interval - 1 + max_batched, bs) + 1)
+            hold = s.compress_config.hold_until(P)
+            need += min(cdiv(P + T, bs), cdiv(max_slots(B, interval, max_batched, hold), bs) + 1)
         worst = max(worst, need)
     return worst + 1 + spec["slack"]
 
@@ -241,8 +244,9 @@ def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
                 c, n = last[rid]
                 B = s.budget(P, r["kv_budget"])
                 assert m.budget(P, rid) == B, "REQUEST_BUDGETS does not carry the request's kv_budget"
-                S = paging.window_start(c, B, interval, bs)
-                want = paging.live_blocks(c, n, B, interval, bs)
+                rule = s.compress_config.retention_args(P)
+                S = paging.window_start(c, B, interval, bs, **rule)
+                want = paging.live_blocks(c, n, B, interval, bs, **rule)
                 ctx = (f"step {step} {rid} stage {s.kv_stage}: C={c} n={n} B={B} I={interval} bs={bs} "
                        f"row={['-' if b.is_null else b.block_id for b in blocks]}")
                 assert _held(blocks) == want, ctx

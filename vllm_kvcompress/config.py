@@ -32,6 +32,7 @@ __all__ = [
     "POLICY_NAMES",
     "SCHEDULE_NAMES",
     "POOLING_NAMES",
+    "PROMPT_COMPACTION_NAMES",
     "DEFAULT_SCHEDULE",
     "DEFAULT_SINKS",
     "request_budget",
@@ -41,6 +42,8 @@ __all__ = [
 POLICY_NAMES: tuple[str, ...] = ("none", "h2o", "pyramid", "snapkv", "streaming")
 SCHEDULE_NAMES: tuple[str, ...] = ("uniform", "pyramidinfer-cosine", "pyramidinfer-linear", "pyramidkv")
 POOLING_NAMES: tuple[str, ...] = ("avg", "max")
+#: when a prompt prefilled in several chunks is compressed (``prompt_compaction``)
+PROMPT_COMPACTION_NAMES: tuple[str, ...] = ("once", "per-chunk")
 
 #: schedule used when ``schedule`` is None
 DEFAULT_SCHEDULE: dict[str, str] = {
@@ -142,6 +145,13 @@ class KVCompressConfig:
     #: compaction ranks by the votes since the previous one (false: scores carry over: under
     #: chunked prefill PyramidInfer's perplexity rose +10.6% at 25%, see docs/policies.md)
     reset_scores: bool = True
+    #: "once": while a prompt is prefilled in several chunks (vLLM's chunked prefill), a layer
+    #: keeps every prompt token and compacts once, at the prompt's last chunk, ranked by the
+    #: votes of the prompt's last queries (the question), as the references score a whole
+    #: prompt. "per-chunk": a layer compacts after every chunk, ranked by that chunk's own
+    #: last queries: a prompt never holds more than budget + one chunk per layer (the
+    #: memory-bounded mode), at a retrieval cost (docs/policies.md)
+    prompt_compaction: str = "once"
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -156,7 +166,7 @@ class KVCompressConfig:
             set_(self, name, _as_int(name, getattr(self, name), optional=False))
         for name in ("recent_window", "sinks"):
             set_(self, name, _as_int(name, getattr(self, name), optional=True))
-        for name in ("policy", "snapkv_pooling"):
+        for name in ("policy", "snapkv_pooling", "prompt_compaction"):
             v = getattr(self, name)
             if not isinstance(v, str):
                 raise _err(name, f"must be a string, got {v!r}")
@@ -188,6 +198,9 @@ class KVCompressConfig:
             raise _err("schedule", f"unknown schedule {self.schedule!r}; allowed: {_allowed(SCHEDULE_NAMES)}")
         if self.snapkv_pooling not in POOLING_NAMES:
             raise _err("snapkv_pooling", f"unknown pooling {self.snapkv_pooling!r}; allowed: {_allowed(POOLING_NAMES)}")
+        if self.prompt_compaction not in PROMPT_COMPACTION_NAMES:
+            raise _err("prompt_compaction", f"unknown value {self.prompt_compaction!r}; allowed: "
+                                            f"{_allowed(PROMPT_COMPACTION_NAMES)}")
 
         b = self.budget
         if b <= 0:
@@ -262,6 +275,17 @@ class KVCompressConfig:
         ``grow_from``): the prompt length with ``decode_evict: false``, else None (never).
         Works on ints and numpy arrays of prompt lengths alike."""
         return None if self.decode_evict else prompt_len
+
+    def hold_until(self, prompt_len):
+        """The computed-token count before which a layer keeps every token (``retained_count``'s
+        ``hold_until``): the prompt length with ``prompt_compaction: once``, else None."""
+        return prompt_len if self.prompt_compaction == "once" else None
+
+    def retention_args(self, prompt_len) -> dict:
+        """``grow_from`` and ``hold_until`` of a request with ``prompt_len`` prompt tokens (ints or
+        numpy arrays): the keyword arguments every caller of ``retained_count`` / ``paging``
+        passes, so the scheduler, the workers and the oracle apply one rule."""
+        return dict(grow_from=self.grow_from(prompt_len), hold_until=self.hold_until(prompt_len))
 
     @property
     def budget_is_fraction(self) -> bool:

@@ -187,7 +187,7 @@ class DenseOracle:
 
     def _compact(self, li: int, C: int) -> None:
         st = self.stores[li]
-        keep = retained_count(C, self.budgets[li], self.cfg.compress_interval, self.cfg.grow_from(self.prompt_len))
+        keep = retained_count(C, self.budgets[li], self.cfg.compress_interval, **self.cfg.retention_args(self.prompt_len))
         if st.size <= keep:
             return
         kept, st.acc = compress_step(self.policy, st.acc, keep, self.budgets[li])

@@ -25,6 +25,9 @@ Example (``B = 8``, ``I = 4``, ``bs = 4``)::
 With ``decode_evict: false`` every function also takes ``grow_from`` (the
 prompt length, ``KVCompressConfig.grow_from``): past it a layer only grows,
 ``R(C) = R(F) + (C - F)``, so ``S`` stops moving and the row keeps its pages.
+With ``prompt_compaction: once`` (the default) they take ``hold_until`` (the prompt
+length again): before it ``R(C) = C`` and ``S = 0``, so a chunked prompt keeps its
+pages until its last chunk. Callers pass both as ``**cfg.retention_args(prompt_len)``.
 
 Nothing here talks to the other side: the scheduler's KV manager
 (``integration.kv_manager``) and the workers' metadata builders
@@ -39,17 +42,17 @@ from vllm_kvcompress.policies.schedule import retained_count
 __all__ = ["retained_count", "evicted_count", "window_start", "live_blocks"]
 
 
-def evicted_count(num_computed, budget, interval, grow_from=None):
+def evicted_count(num_computed, budget, interval, grow_from=None, hold_until=None):
     """Tokens a layer has evicted once ``num_computed`` tokens are computed."""
-    return num_computed - retained_count(num_computed, budget, interval, grow_from)
+    return num_computed - retained_count(num_computed, budget, interval, grow_from, hold_until)
 
 
-def window_start(num_computed, budget, interval, block_size, grow_from=None):
+def window_start(num_computed, budget, interval, block_size, grow_from=None, hold_until=None):
     """First live block-table entry of a compressed layer (entries before it are freed)."""
-    return evicted_count(num_computed, budget, interval, grow_from) // block_size
+    return evicted_count(num_computed, budget, interval, grow_from, hold_until) // block_size
 
 
-def live_blocks(num_computed, num_new, budget, interval, block_size, grow_from=None):
+def live_blocks(num_computed, num_new, budget, interval, block_size, grow_from=None, hold_until=None):
     """Pages a request holds in a compressed group while it computes ``num_new`` tokens."""
     total_entries = -(-(num_computed + num_new) // block_size)
-    return total_entries - window_start(num_computed, budget, interval, block_size, grow_from)
+    return total_entries - window_start(num_computed, budget, interval, block_size, grow_from, hold_until)

@@ -2,7 +2,7 @@
 ``EngineArgs.from_cli_args``.
 
 Adds ``--kv-policy``, ``--kv-budget``, ``--kv-schedule``, ``--kv-recent-window``, ``--kv-sinks``,
-``--kv-compress-interval``, ``--kv-prefill-drop``, ``--kv-prefill-drop-from``, ``--kv-decode-evict`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
+``--kv-compress-interval``, ``--kv-prefill-drop``, ``--kv-prefill-drop-from``, ``--kv-decode-evict``, ``--kv-prompt-compaction`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
 (``vllm serve``, ``vllm bench ...``), and moves their values into
 ``additional_config["kv_compress"]`` — the same place offline users put them:
 ``LLM(..., additional_config={"kv_compress": {...}})``. Explicit flags override
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_kvcompress.config import POLICY_NAMES, SCHEDULE_NAMES, ConfigError, KVCompressConfig
+from vllm_kvcompress.config import POLICY_NAMES, PROMPT_COMPACTION_NAMES, SCHEDULE_NAMES, ConfigError, KVCompressConfig
 from vllm_kvcompress.integration import platform_config
 from vllm_kvcompress.integration.common import CONFIG_KEY, patch_method
 
@@ -29,6 +29,7 @@ FLAGS = {
     "kv_prefill_drop": "prefill_drop",
     "kv_prefill_drop_from": "prefill_drop_from",
     "kv_decode_evict": "decode_evict",
+    "kv_prompt_compaction": "prompt_compaction",
 }
 
 
@@ -59,6 +60,11 @@ def add_flags(parser) -> None:
     g.add_argument("--kv-decode-evict", action=argparse.BooleanOptionalAction, default=None,
                    help="Compact generated tokens into the budget (default). --no-kv-decode-evict: never evict "
                         "after the prompt, the SnapKV reference (pages grow with the answer).")
+    g.add_argument("--kv-prompt-compaction", choices=PROMPT_COMPACTION_NAMES, default=None,
+                   type=lambda s: s.strip().lower(),
+                   help="When a prompt split by chunked prefill is compressed: once, at its last chunk, ranked "
+                        "by the prompt's last queries (default), or per-chunk, after every chunk (a prompt then "
+                        "holds at most budget + one chunk per layer, at a retrieval cost).")
     g.add_argument("--kv-config", default=None, metavar="FILE.yaml",
                    help="YAML file with a kv_compress mapping (see configs/); flags override it.")
 

@@ -25,6 +25,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_kvcompress import paging
+from vllm_kvcompress.policies.schedule import max_slots
 
 #: request id -> the request's own ``kv_budget`` (filled by ``integration.request_budget``
 #: when the scheduler admits a request, dropped when it is freed for good)
@@ -43,7 +44,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         cfg = kv_cache_spec.compress_config
         self.interval = cfg.compress_interval
-        self.grow_from = cfg.grow_from
+        self.retention_args = cfg.retention_args
         self.decode_evict = cfg.decode_evict
         self.num_layers = kv_cache_spec.num_layers_in_stage
         vc = get_current_vllm_config_or_none()
@@ -73,12 +74,12 @@ class CompressedKVCacheManager(FullAttentionManager):
             return
         c = processed_computed_tokens
         budget = self.budget(num_prompt_tokens, request_id)
-        grow = self.grow_from(num_prompt_tokens)
-        kept = paging.retained_count(c, budget, self.interval, grow)
+        rule = self.retention_args(num_prompt_tokens)
+        kept = paging.retained_count(c, budget, self.interval, **rule)
         prev_c, prev_kept = self.req_tokens.get(request_id, (0, 0))
         self.evicted_tokens += max((c - kept) - (prev_c - prev_kept), 0) * self.num_layers
         self.req_tokens[request_id] = (c, kept)
-        start = paging.window_start(c, budget, self.interval, self.block_size, grow)
+        start = paging.window_start(c, budget, self.interval, self.block_size, **rule)
         if start > 0:
             blocks = self.req_to_blocks[request_id]
             end = min(start, len(blocks))
@@ -98,11 +99,14 @@ class CompressedKVCacheManager(FullAttentionManager):
                                    apply_admission_cap: bool = False, prefill_end: int = 0) -> int:
         if apply_admission_cap and prefill_end > 0 and self.decode_evict:
             # Admission gate: the most pages a request of this group ever holds
-            # (budget + compaction slack + one chunk + a partly used front page).
-            # With decode_evict false a request grows after its prompt (a resumed one
-            # holds its generated tokens too): no cap, admission counts tokens as vLLM does.
+            # (budget + compaction slack + one chunk + a partly used front page; with
+            # prompt_compaction "once" a chunked prompt holds its tokens until its last
+            # chunk: up to prefill_end - 1 + one chunk). With decode_evict false a request
+            # grows after its prompt (a resumed one holds its generated tokens too): no
+            # cap, admission counts tokens as vLLM does.
             budget = self.budget(prefill_end, request_id)
-            cap = cdiv(budget + self.interval - 1 + self.max_chunk, self.block_size) + 1
+            hold = self.retention_args(prefill_end)["hold_until"]
+            cap = cdiv(max_slots(budget, self.interval, self.max_chunk, hold), self.block_size) + 1
             num_tokens = min(num_tokens, cap * self.block_size)
         return super().get_num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens,

@@ -135,7 +135,7 @@ class CompressedBuilderMixin:
             cfg = kv_cache_spec.compress_config
             self.policy = get_policy(cfg)
             self.interval = cfg.compress_interval
-            self.grow_from = cfg.grow_from
+            self.retention_args = cfg.retention_args
             # debug/test aid: also track each slot's true token position (moved with compaction)
             self.track_positions = os.environ.get("VLLM_KVCOMPRESS_TRACK_POSITIONS", "0") == "1"
             self.prefill_drop = cfg.prefill_drop
@@ -188,11 +188,11 @@ class CompressedBuilderMixin:
         weights: ``weights_full``, the full-length step's, gathered per layer)."""
         bs = self.block_size
         interval = self.interval
-        grow = self.grow_from(np.asarray(prompt_lens, dtype=np.int64))
-        held = paging.retained_count(computed, budget, interval, grow)
-        start = paging.window_start(computed, budget, interval, bs, grow)
-        held_after = paging.retained_count(computed + num_new, budget, interval, grow)
-        start_after = paging.window_start(computed + num_new, budget, interval, bs, grow)
+        rule = self.retention_args(np.asarray(prompt_lens, dtype=np.int64))
+        held = paging.retained_count(computed, budget, interval, **rule)
+        start = paging.window_start(computed, budget, interval, bs, **rule)
+        held_after = paging.retained_count(computed + num_new, budget, interval, **rule)
+        start_after = paging.window_start(computed + num_new, budget, interval, bs, **rule)
         n_eff = num_new if kept is None else kept
         if kept is not None:
             held = np.where(drop.rows, 0, held)
@@ -240,6 +240,7 @@ class CompressedBuilderMixin:
         max_lens = StepContext.max_lens
         # a request that can never hold more than its budget never evicts: it needs no scores
         needs = np.ones(len(num_new), dtype=bool) if max_lens is None else max_lens > budget
+        grow = rule["grow_from"]
         if grow is not None:  # decode_evict false: nothing is evicted after the prompt
             needs &= computed < grow
         if drop is not None:

@@ -8,6 +8,8 @@ oracle share. See ``docs/policies.md``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import POLICY_NAMES, KVCompressConfig
 from .base import BasePolicy, NoPolicy, ceil_ratio, compress_step, group_mean, select, select_tokens
 from .h2o import H2OPolicy
@@ -67,4 +69,5 @@ if tuple(POLICY_CLASSES) != POLICY_NAMES:  # the config validates names, this re
 
 def get_policy(cfg: KVCompressConfig) -> BasePolicy:
     """The policy object for ``cfg`` (``NoPolicy`` for 'none')."""
-    return POLICY_CLASSES[cfg.policy].from_config(cfg)
+    policy = POLICY_CLASSES[cfg.policy].from_config(cfg)
+    return dataclasses.replace(policy, whole_prompt=cfg.prompt_compaction == "once")

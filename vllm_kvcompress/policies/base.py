@@ -36,6 +36,7 @@ __all__ = [
     "NoPolicy",
     "IntOrTensor",
     "select",
+    "selectable_scores",
     "compress_step",
     "select_tokens",
     "ceil_ratio",
@@ -116,6 +117,37 @@ def _as_batch_tensor(x: IntOrTensor | None, batch_shape: torch.Size, device, def
     return t.expand(batch_shape) if t.dim() == 0 else t.reshape(batch_shape)
 
 
+def _protected(scores: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, recent: IntOrTensor,
+               valid_len: IntOrTensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(valid, forced, n_keep)`` of :func:`select`: bool ``[..., 1, K]`` masks of the valid
+    slots and of the protected ones (the first ``sinks`` and last ``recent`` valid slots,
+    clipped to fit ``keep``), and the per-row keep count (batch shape)."""
+    K = scores.shape[-1]
+    dev = scores.device
+    bshape = scores.shape[:-2]
+    vl = _as_batch_tensor(valid_len, bshape, dev, K).clamp(0, K)
+    n_keep = torch.minimum(_as_batch_tensor(keep, bshape, dev, K).clamp_min(0), vl)
+    n_sink = torch.minimum(_as_batch_tensor(sinks, bshape, dev, 0).clamp_min(0), n_keep)
+    n_recent = torch.minimum(_as_batch_tensor(recent, bshape, dev, 0).clamp_min(0), n_keep - n_sink)
+    pos = torch.arange(K, device=dev)
+    # broadcast per-row quantities over [H_kv, K]
+    vl_ = vl[..., None, None]
+    valid = pos < vl_
+    forced = valid & ((pos < n_sink[..., None, None]) | (pos >= vl_ - n_recent[..., None, None]))
+    return valid, forced, n_keep
+
+
+def selectable_scores(acc: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, recent: IntOrTensor,
+                      valid_len: IntOrTensor | None = None) -> torch.Tensor:
+    """``acc`` with the protected slots (sinks, recent window: kept whatever their score) set
+    to 0, so a policy's pooling along keys ranks the selectable slots by their own scores:
+    the window's strongly local votes and a sink's huge score would otherwise spill onto
+    the slots beside them. The SnapKV, KVCache-Factory and kvpress references pool the
+    selectable prefix only; zeros are what ``avg`` pooling's padding counts there too."""
+    _, forced, _ = _protected(acc, keep, sinks, recent, valid_len)
+    return acc.to(torch.float32).masked_fill(forced, 0.0)
+
+
 def select(
     scores: torch.Tensor,
     keep: IntOrTensor,
@@ -139,18 +171,8 @@ def select(
         raise ValueError(f"scores must be [..., H_kv, K], got shape {tuple(scores.shape)}")
     K = scores.shape[-1]
     dev = scores.device
-    bshape = scores.shape[:-2]
-    vl = _as_batch_tensor(valid_len, bshape, dev, K).clamp(0, K)
-    n_keep = torch.minimum(_as_batch_tensor(keep, bshape, dev, K).clamp_min(0), vl)
-    n_sink = torch.minimum(_as_batch_tensor(sinks, bshape, dev, 0).clamp_min(0), n_keep)
-    n_recent = torch.minimum(_as_batch_tensor(recent, bshape, dev, 0).clamp_min(0), n_keep - n_sink)
+    valid, forced, n_keep = _protected(scores, keep, sinks, recent, valid_len)
     out_k = int(n_keep.max().item()) if n_keep.numel() else 0
-
-    pos = torch.arange(K, device=dev)
-    # broadcast per-row quantities over [H_kv, K]
-    vl_ = vl[..., None, None]
-    valid = pos < vl_
-    forced = valid & ((pos < n_sink[..., None, None]) | (pos >= vl_ - n_recent[..., None, None]))
     key = scores.to(torch.float32).masked_fill(forced, math.inf).masked_fill(~valid, -math.inf)
 
     # stable descending sort on the reversed slot order => on ties the larger slot comes first
@@ -179,6 +201,10 @@ class BasePolicy:
 
     sinks: int | None = None
     recent_window: int | None = None
+    #: ``prompt_compaction: once``: a chunked prompt is compacted once, at its last chunk, so
+    #: the prefill queries that vote are the PROMPT's last ones (:meth:`vote_end` is the prompt
+    #: length), not each chunk's; False ("per-chunk"): each chunk's last queries vote
+    whole_prompt: bool = True
 
     # ---------------------------------------------------------------- construction
     def __init_subclass__(cls, **kwargs) -> None:
@@ -210,6 +236,13 @@ class BasePolicy:
     def resets_scores(self) -> bool:
         """Whether kept tokens restart from score 0 after a compaction."""
         return self.reset_after_compaction
+
+    def vote_end(self, num_computed_after: int, is_prefill: bool, prompt_len: int | None) -> int:
+        """The position a prefill step's observation window ends at: the prompt's end when the
+        prompt is compacted once (``whole_prompt``), else the end of this step's chunk."""
+        if is_prefill and self.whole_prompt and prompt_len is not None:
+            return int(prompt_len)
+        return int(num_computed_after)
 
     # ---------------------------------------------------------------- hooks
     def query_weights(self, chunk_start: int, chunk_len: int, num_computed_after: int, is_prefill: bool,
@@ -271,7 +304,7 @@ def compress_step(
     padded entries of ``new_acc`` are 0.
     """
     sinks, recent = policy.sinks_recent(budget, acc.shape[-1] if valid_len is None else valid_len)
-    scores = policy.score(acc, valid_len)
+    scores = policy.score(selectable_scores(acc, keep, sinks, recent, valid_len), valid_len)
     kept = select(scores, keep, sinks, recent, valid_len)
     if policy.resets_scores:
         new_acc = torch.zeros(kept.shape, dtype=torch.float32, device=acc.device)
@@ -297,11 +330,12 @@ def select_tokens(
     kept. Returns ``[..., max(min(keep, valid_len))]`` ascending, ``-1`` padded.
     """
     sinks, recent = policy.sinks_recent(budget, acc.shape[-1] if valid_len is None else valid_len)
-    scores = policy.score(acc, valid_len).to(torch.float32).mean(dim=-2, keepdim=True)
     if isinstance(recent, torch.Tensor):
         recent = recent.clamp_min(1)
     else:
         recent = max(int(recent), 1)
+    acc = selectable_scores(acc, keep, sinks, recent, valid_len)
+    scores = policy.score(acc, valid_len).to(torch.float32).mean(dim=-2, keepdim=True)
     return select(scores, keep, sinks, recent, valid_len)[..., 0, :]
 
 

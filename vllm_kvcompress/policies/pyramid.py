@@ -45,8 +45,9 @@ __all__ = ["PyramidInferPolicy"]
 
 @dataclass(frozen=True)
 class PyramidInferPolicy(BasePolicy):
-    """Prefill: the observation window (last ``W(C)`` positions of the context,
-    clipped to this chunk) weighs 1.0 (oldest) .. 1.2 (newest), other queries 0;
+    """Prefill: the observation window (last ``W(C)`` positions of the prompt, or with
+    ``whole_prompt`` False of the context computed so far, clipped to this chunk) weighs
+    1.0 (oldest) .. 1.2 (newest), other queries 0;
     decode: every query weighs 1. ``W(C) = min(obs_window, C)``, or with
     ``obs_window`` 0 the reference's ``ceil(obs_window_ratio * C)``. Default
     protected window: 4 sinks and the observation window (``recent = obs_window``,
@@ -89,7 +90,7 @@ class PyramidInferPolicy(BasePolicy):
     def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         if not is_prefill:
             return torch.ones(chunk_len, dtype=torch.float32)
-        C = int(num_computed_after)
+        C = self.vote_end(num_computed_after, is_prefill, prompt_len)
         W = max(1, self.window_len(C))
         lo = C - W  # first position of the window
         pos = torch.arange(chunk_start, chunk_start + chunk_len, dtype=torch.float64)

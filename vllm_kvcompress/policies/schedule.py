@@ -34,31 +34,45 @@ UNBOUNDED: int = 1 << 60
 
 
 # ---------------------------------------------------------------------------- retained count
-def retained_count(num_computed, budget, interval, grow_from=None):
+def retained_count(num_computed, budget, interval, grow_from=None, hold_until=None):
     """Tokens a layer holds after a step that brought its computed context to ``num_computed``.
 
     ``C if C <= budget else budget + (C - budget) % interval``: a layer grows to
     ``budget + interval - 1`` and then compacts back to ``budget``.
+
+    ``hold_until`` (``KVCompressConfig.hold_until``: the prompt length with
+    ``prompt_compaction: once``, else None): before that many computed tokens the
+    layer keeps everything, ``R(C) = C`` for ``C < H``, so a prompt prefilled in
+    chunks is compacted once, at its last chunk, to the same count a one-step
+    prefill gives; from ``H`` on the rule above applies unchanged.
 
     ``grow_from`` (``KVCompressConfig.grow_from``: the prompt length with
     ``decode_evict: false``, else None): past that many computed tokens the layer
     never compacts again, ``R(C) = R(F) + (C - F)`` for ``C > F``.
 
     The one home of this rule (``vllm_kvcompress.paging`` derives the page
-    window from it). Ints in, int out; numpy arrays (any argument) in, an int64
-    array out (the worker evaluates a whole batch at once).
+    window from it; ``KVCompressConfig.retention_args`` gives both keywords). Ints
+    in, int out; numpy arrays (any argument) in, an int64 array out (the worker
+    evaluates a whole batch at once).
     """
     c = np.asarray(num_computed, dtype=np.int64)
     b = np.asarray(budget, dtype=np.int64)
     f = c if grow_from is None else np.minimum(c, np.asarray(grow_from, dtype=np.int64))
     held = np.where(f <= b, f, b + (f - b) % np.int64(interval)) + (c - f)
+    if hold_until is not None:
+        held = np.where(c < np.asarray(hold_until, dtype=np.int64), c, held)
     return int(held) if held.ndim == 0 else held
 
 
-def max_slots(budget: int, interval: int, chunk: int) -> int:
+def max_slots(budget: int, interval: int, chunk: int, hold_until: int | None = None) -> int:
     """Most KV slots a layer ever needs during a step that computes ``chunk`` tokens
-    (while it still compacts: with ``decode_evict: false`` it grows after the prompt)."""
-    return budget + interval - 1 + chunk
+    (while it still compacts: with ``decode_evict: false`` it grows after the prompt).
+    With ``hold_until`` (a chunked prompt kept whole until its last chunk) a step may
+    start from ``hold_until - 1`` held tokens."""
+    most = budget + interval - 1
+    if hold_until is not None:
+        most = max(most, hold_until - 1)
+    return most + chunk
 
 
 def drop_counts(budgets: list[int], prompt_len: int, interval: int, first: int = 1) -> list[int] | None:

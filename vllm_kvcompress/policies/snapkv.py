@@ -37,7 +37,8 @@ __all__ = ["SnapKVPolicy"]
 
 @dataclass(frozen=True)
 class SnapKVPolicy(BasePolicy):
-    """Prefill: the last ``window`` queries of each chunk weigh 1, the others 0;
+    """Prefill: the last ``window`` queries of the prompt (with ``whole_prompt`` False: of
+    each chunk) weigh 1, the others 0;
     decode: every query weighs 1. Scores are pooled along keys; with
     ``reset_scores`` they restart from 0 after every compaction. Default window:
     no sinks, ``recent = window`` (the window's own keys are never ranked)."""
@@ -69,10 +70,11 @@ class SnapKVPolicy(BasePolicy):
         return self.window
 
     def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
-        w = torch.ones(chunk_len, dtype=torch.float32)
-        if is_prefill and chunk_len > self.window:
-            w[: chunk_len - self.window] = 0.0
-        return w
+        if not is_prefill:
+            return torch.ones(chunk_len, dtype=torch.float32)
+        end = self.vote_end(num_computed_after, is_prefill, prompt_len)
+        pos = torch.arange(chunk_start, chunk_start + chunk_len)
+        return (pos >= end - self.window).to(torch.float32)
 
     def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None) -> torch.Tensor:
         return pool_scores(acc, self.kernel, self.pooling, valid_len)
