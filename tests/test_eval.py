@@ -8,7 +8,10 @@ import math
 
 import pytest
 
+from vllm_kvcompress.eval import prompts as pr
 from vllm_kvcompress.eval import quality as q
+from vllm_kvcompress.eval import report as rep
+from vllm_kvcompress.eval import scoring as sc
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +21,7 @@ def hay():
     from vllm_kvcompress.assets import essays_text, model_path
 
     tok = AutoTokenizer.from_pretrained(str(model_path()))
-    return q.Haystack(tok, essays_text()[:150_000])  # ~35K tokens: enough, and fast to tokenize
+    return pr.Haystack(tok, essays_text()[:150_000])  # ~35K tokens: enough, and fast to tokenize
 
 
 def _depth(item) -> float:
@@ -26,15 +29,15 @@ def _depth(item) -> float:
 
 
 def test_depth_grid():
-    assert q.depth_grid(10)[0] == 0.0 and q.depth_grid(10)[-1] == 1.0 and len(q.depth_grid(10)) == 10
-    assert q.depth_grid(3) == [0.0, 0.5, 1.0]
-    assert q.depth_grid(1) == [0.5]
+    assert pr.depth_grid(10)[0] == 0.0 and pr.depth_grid(10)[-1] == 1.0 and len(pr.depth_grid(10)) == 10
+    assert pr.depth_grid(3) == [0.0, 0.5, 1.0]
+    assert pr.depth_grid(1) == [0.5]
 
 
 @pytest.mark.parametrize("length", [1024, 2048, 4096])
 def test_passkey_prompts_length_and_depth(hay, length):
-    depths = q.depth_grid(5)
-    items = q.passkey_prompts(hay, [length], depths)
+    depths = pr.depth_grid(5)
+    items = pr.passkey_prompts(hay, [length], depths)
     assert [it["depth"] for it in items] == depths
     keys = set()
     for it in items:
@@ -45,62 +48,62 @@ def test_passkey_prompts_length_and_depth(hay, length):
         assert needle.lstrip().startswith(f"The pass key is {it['answer']}."), needle
         assert len(it["answer"]) == 5 and it["answer"].isdigit()
         text = hay.decode(it["ids"])
-        assert text.startswith(q.PASSKEY_PREFIX) and text.endswith(q.PASSKEY_QUESTION)
+        assert text.startswith(pr.PASSKEY_PREFIX) and text.endswith(pr.PASSKEY_QUESTION)
         assert text.count(it["answer"]) == 3  # only in the needle, which states it three times
         keys.add(it["answer"])
     assert len(keys) == len(items)
     assert items[0]["needle_pos"] == items[0]["hay_start"]  # depth 0: right after the instruction
     last = hay.decode(items[-1]["ids"])  # depth 1: right before the question
-    assert last.endswith(q.PASSKEY_NEEDLE.format(key=items[-1]["answer"]) + q.PASSKEY_QUESTION)
+    assert last.endswith(pr.PASSKEY_NEEDLE.format(key=items[-1]["answer"]) + pr.PASSKEY_QUESTION)
 
 
 def test_prompts_are_deterministic(hay):
-    a = q.passkey_prompts(hay, [1024], [0.3])
-    b = q.passkey_prompts(hay, [1024], [0.3])
+    a = pr.passkey_prompts(hay, [1024], [0.3])
+    b = pr.passkey_prompts(hay, [1024], [0.3])
     assert a[0]["ids"] == b[0]["ids"] and a[0]["answer"] == b[0]["answer"]
 
 
 def test_multikey_prompts(hay):
-    items = q.multikey_prompts(hay, [1024, 2048], q.depth_grid(3))
+    items = pr.multikey_prompts(hay, [1024, 2048], pr.depth_grid(3))
     assert len(items) == 6
     for it in items:
         assert abs(len(it["ids"]) - it["length"]) <= 0.02 * it["length"]
         assert abs(_depth(it) - it["depth"]) <= 0.07
         text = hay.decode(it["ids"])
-        assert text.endswith(q.MULTIKEY_QUESTION.format(word=it["word"]))
+        assert text.endswith(pr.MULTIKEY_QUESTION.format(word=it["word"]))
         values = [it["answer"], *it["distractors"].values()]
-        assert len(set(values)) == q.MULTIKEY_NUM_KEYS and it["word"] not in it["distractors"]
+        assert len(set(values)) == pr.MULTIKEY_NUM_KEYS and it["word"] not in it["distractors"]
         for w, v in [(it["word"], it["answer"]), *it["distractors"].items()]:
-            assert text.count(q.MULTIKEY_NEEDLE.format(word=w, value=v).strip()) == 1
+            assert text.count(pr.MULTIKEY_NEEDLE.format(word=w, value=v).strip()) == 1
         needle = hay.decode(it["ids"][it["needle_pos"]:it["needle_pos"] + 20]).lstrip()
-        assert needle.startswith(q.MULTIKEY_NEEDLE.format(word=it["word"], value=it["answer"]).strip())
+        assert needle.startswith(pr.MULTIKEY_NEEDLE.format(word=it["word"], value=it["answer"]).strip())
 
 
 def test_ppl_windows(hay):
-    wins = q.ppl_windows(hay, 4, 4096)
+    wins = pr.ppl_windows(hay, 4, 4096)
     assert len(wins) == 4 and all(len(w["ids"]) == 4096 for w in wins)
     offs = [w["offset"] for w in wins]
     assert all(b - a >= 4096 for a, b in zip(offs, offs[1:]))  # distinct, non-overlapping
     assert wins[1]["ids"] == hay.ids[offs[1]:offs[1] + 4096]
     with pytest.raises(ValueError):
-        q.ppl_windows(hay, 100, 4096)
+        pr.ppl_windows(hay, 100, 4096)
 
 
 def test_scoring():
-    assert q.score_passkey(" 12345. Remember", "12345")
-    assert not q.score_passkey(" 1234 5", "12345")
-    assert not q.score_passkey(" a password that", "12345")
-    assert q.score_multikey(" 123456.\n", "123456")
-    assert not q.score_multikey(" 1234567", "123456")
-    assert not q.score_multikey(" 654321, not 123456", "123456")  # a distractor first is wrong
-    assert not q.score_multikey(" unknown", "123456")
-    assert q.perplexity(0.0, 10) == 1.0
-    assert q.perplexity(10 * math.log(2.0), 10) == pytest.approx(2.0)
+    assert sc.score_passkey(" 12345. Remember", "12345")
+    assert not sc.score_passkey(" 1234 5", "12345")
+    assert not sc.score_passkey(" a password that", "12345")
+    assert sc.score_multikey(" 123456.\n", "123456")
+    assert not sc.score_multikey(" 1234567", "123456")
+    assert not sc.score_multikey(" 654321, not 123456", "123456")  # a distractor first is wrong
+    assert not sc.score_multikey(" unknown", "123456")
+    assert sc.perplexity(0.0, 10) == 1.0
+    assert sc.perplexity(10 * math.log(2.0), 10) == pytest.approx(2.0)
 
 
 def test_passkey_once_states_the_key_once_in_the_same_prompts(hay):
-    three = q.passkey_prompts(hay, [1024], [0.0, 0.5])
-    once = q.passkey_prompts(hay, [1024], [0.0, 0.5], needle=q.PASSKEY_ONCE_NEEDLE, task="passkey_once")
+    three = pr.passkey_prompts(hay, [1024], [0.0, 0.5])
+    once = pr.passkey_prompts(hay, [1024], [0.0, 0.5], needle=pr.PASSKEY_ONCE_NEEDLE, task="passkey_once")
     for a, b in zip(three, once):
         assert a["answer"] == b["answer"] and b["task"] == "passkey_once"
         text_a, text_b = hay.decode(a["ids"]), hay.decode(b["ids"])
@@ -111,12 +114,12 @@ def test_passkey_once_states_the_key_once_in_the_same_prompts(hay):
 def test_summaries():
     items = [dict(length=1024, depth=0.0, correct=True), dict(length=1024, depth=1.0, correct=False),
              dict(length=2048, depth=0.0, correct=True), dict(length=2048, depth=1.0, correct=True)]
-    s = q.summarize(items)
+    s = sc.summarize(items)
     assert s["acc"] == 0.75 and s["by_length"] == {"1024": 0.5, "2048": 1.0}
     assert s["by_depth"] == {"0.0": 1.0, "1.0": 0.5} and s["n"] == 4
     wins = [dict(nll_sum=4.0, count=4, tail_nll_sum=2.0, tail_count=2),
             dict(nll_sum=0.0, count=4, tail_nll_sum=0.0, tail_count=2)]
-    p = q.summarize_ppl(wins, 2)
+    p = sc.summarize_ppl(wins, 2)
     assert p["ppl"] == pytest.approx(math.exp(0.5)) and p["ppl_tail"] == pytest.approx(math.exp(0.5))
     assert p["per_window"] == pytest.approx([math.e, 1.0])
 
@@ -142,19 +145,19 @@ def _fake_result():
 
 
 def test_targets():
-    t = {x["target"]: x for x in q.check_targets(_fake_result())}
+    t = {x["target"]: x for x in rep.check_targets(_fake_result())}
     assert t["full cache passkey (key stated 3x) >= 95%"]["ok"] and t["full cache passkey (key stated once) >= 95%"]["ok"]
     assert t["h2o 0.25: passkey (key stated once) >= 90%"]["ok"]
     assert t["h2o 0.125: passkey (key stated 3x) >= 80%"]["ok"]  # 90% >= 80%
     assert not any(k.startswith("streaming 0.") for k in t)  # no retrieval target for StreamingLLM
-    ppl = [x for x in q.check_targets(_fake_result()) if "perplexity" in x["target"]]
+    ppl = [x for x in rep.check_targets(_fake_result()) if "perplexity" in x["target"]]
     assert [x["ok"] for x in ppl] == [True, False]  # +2.5% passes, +5% fails
     best = t["best policy at 25%: multi-key >= 60%"]
     assert best["ok"] and best["value"] == "100% (h2o 0.25)"
 
 
 def test_writers(tmp_path):
-    paths = q.write_outputs(_fake_result(), tmp_path)
+    paths = rep.write_outputs(_fake_result(), tmp_path)
     names = sorted(p.name for p in paths)
     assert names == ["quality.json", "quality.md", "quality_multikey.png", "quality_passkey.png",
                      "quality_passkey_once.png", "quality_ppl.png"]
@@ -193,7 +196,7 @@ def test_cli_parsing(capsys):
 
 
 def test_mid_depth_grid():
-    assert q.mid_depth_grid(2) == [0.25, 0.75] and q.mid_depth_grid(1) == [0.5]
+    assert pr.mid_depth_grid(2) == [0.25, 0.75] and pr.mid_depth_grid(1) == [0.5]
 
 
 def test_orchestration_with_a_fake_worker(tmp_path, monkeypatch):
@@ -203,7 +206,7 @@ def test_orchestration_with_a_fake_worker(tmp_path, monkeypatch):
     def fake_worker(job, verbose=False, timeout=0.0):
         calls.append((job["tag"], job["engine"].get("additional_config"), job["engine"]["max_num_batched_tokens"]))
         out = {"seconds": {"start": 0.1}}
-        for task in q.RETRIEVAL_TASKS:
+        for task in rep.RETRIEVAL_TASKS:
             if job.get(task):
                 out[task] = [" 0."] * len(job[task])
         if job.get("ppl"):
@@ -246,7 +249,7 @@ def _retrieval_worker(seen: list, what):
     """A fake engine subprocess for retrieval jobs: records ``what(job)``, answers " 0." to every prompt."""
     def fake_worker(job, verbose=False, timeout=0.0):
         seen.append(what(job))
-        return {"seconds": {"start": 0.1}, **{t: [" 0."] * len(job[t]) for t in q.RETRIEVAL_TASKS if job.get(t)}}
+        return {"seconds": {"start": 0.1}, **{t: [" 0."] * len(job[t]) for t in rep.RETRIEVAL_TASKS if job.get(t)}}
 
     return fake_worker
 
