@@ -141,8 +141,11 @@ def passkey_prompts(hay: Haystack, lengths: Sequence[int], depths: Sequence[floa
 
 
 def multikey_prompts(hay: Haystack, lengths: Sequence[int], depths: Sequence[float], num_keys: int = MULTIKEY_NUM_KEYS,
-                     seed: int = SEED) -> list[dict]:
-    rng = np.random.default_rng([seed, 2])
+                     seed: int = SEED, task: str = "multikey") -> list[dict]:
+    """One prompt per (length, depth): ``num_keys`` needles of one shape (the queried one at
+    the depth, the others at random depths). ``task`` "distractor" (``num_keys`` 2): one fact
+    stated once and one distractor fact of the same shape, from a seed stream of its own."""
+    rng = np.random.default_rng([seed, 2 if task == "multikey" else 4])
     items = []
     for length in lengths:
         for d in depths:
@@ -157,7 +160,7 @@ def multikey_prompts(hay: Haystack, lengths: Sequence[int], depths: Sequence[flo
             needles = [(ds[i], MULTIKEY_NEEDLE.format(word=words[i], value=values[i])) for i in range(num_keys)]
             p = build_prompt(hay, length, MULTIKEY_PREFIX, needles, MULTIKEY_QUESTION.format(word=words[0]),
                              _offset(rng, hay, length))
-            items.append(dict(task="multikey", length=length, depth=d, answer=values[0], word=words[0],
+            items.append(dict(task=task, length=length, depth=d, answer=values[0], word=words[0],
                               distractors=dict(zip(words[1:], values[1:])), ids=p.ids, needle_pos=p.needle_pos[0],
                               hay_start=p.hay_start, hay_tokens=p.hay_tokens))
     return items
@@ -175,3 +178,29 @@ def ppl_windows(hay: Haystack, n: int, length: int = PPL_LEN, seed: int = SEED) 
         items.append(dict(task="ppl", window=i, offset=off, ids=hay.ids[off:off + length]))
     return items
 
+
+
+SUMMARY_INSTRUCTION = "Summarize the following essay in detail.\n\n{essay}"
+SUMMARY_TOKENS = 256
+
+
+def summary_prompts(hay: Haystack, lengths: Sequence[int], n: int, seed: int = SEED) -> list[dict]:
+    """``n`` chat prompts per length asking for a detailed summary of an essay excerpt (the
+    model's chat template; the excerpt sized so the prompt is ``length`` tokens within a
+    few, cut at a sentence end); the answers are long (``SUMMARY_TOKENS``)."""
+    rng = np.random.default_rng([seed, 5])
+    items = []
+    for length in lengths:
+        shell = hay.tok.apply_chat_template([{"role": "user", "content": SUMMARY_INSTRUCTION.format(essay="")}],
+                                            add_generation_prompt=True, tokenize=True)
+        overhead = len(shell if isinstance(shell, list) else shell["input_ids"])
+        for _ in range(n):
+            off = _offset(rng, hay, length)
+            start = hay.snap(off, max(off - 256, 0), max_back=256)
+            end = hay.snap(start + length - overhead, start + (length - overhead) // 2, max_back=256)
+            text = hay.decode(hay.ids[start:end]).strip()
+            ids = hay.tok.apply_chat_template([{"role": "user", "content": SUMMARY_INSTRUCTION.format(essay=text)}],
+                                              add_generation_prompt=True, tokenize=True)
+            ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+            items.append(dict(task="summary", length=length, depth=None, answer=None, ids=ids))
+    return items

@@ -66,10 +66,11 @@ import numpy as np
 from vllm_kvcompress.config import KVCompressConfig, variant_settings
 from vllm_kvcompress.eval.prompts import (
     MULTIKEY_NEEDLE, MULTIKEY_NUM_KEYS, MULTIKEY_QUESTION, PASSKEY_NEEDLE, PASSKEY_ONCE_NEEDLE,
-    PASSKEY_PREFIX, PASSKEY_QUESTION, MULTIKEY_PREFIX, PPL_LEN, SEED, Haystack, depth_grid, mid_depth_grid,
-    multikey_prompts, passkey_prompts, ppl_windows)
-from vllm_kvcompress.eval.report import RETRIEVAL_TASKS, TASKS, label, write_json, write_outputs
-from vllm_kvcompress.eval.scoring import score_multikey, score_passkey, summarize, summarize_ppl
+    PASSKEY_PREFIX, PASSKEY_QUESTION, MULTIKEY_PREFIX, PPL_LEN, SEED, SUMMARY_INSTRUCTION, SUMMARY_TOKENS, Haystack,
+    depth_grid, mid_depth_grid, multikey_prompts, passkey_prompts, ppl_windows, summary_prompts)
+from vllm_kvcompress.eval.report import GENERATION_TASKS, RETRIEVAL_TASKS, TASKS, label, write_json, write_outputs
+from vllm_kvcompress.eval.scoring import (identical_prefix, rouge_l, score_multikey, score_passkey, summarize,
+                                          summarize_agreement, summarize_ppl)
 
 # ----------------------------------------------------------------------------- defaults
 POLICIES = ("h2o", "pyramid", "snapkv", "streaming")
@@ -77,12 +78,17 @@ POLICIES = ("h2o", "pyramid", "snapkv", "streaming")
 #: with prefill_drop; deeper layers compute only their kept tokens when a prompt is prefilled in
 #: one step; the chunked perplexity runs never drop)
 RETENTIONS = (0.5, 0.25, 0.125)
-LENGTHS = (1024, 2048, 4096)
+LENGTHS = (1024, 2048, 4096, 8000)
+#: vLLM's chunked prefill as `vllm serve` runs it on CPU: at most this many tokens per step
+#: (--chunk; 0 prefills each retrieval prompt in one step)
+CHUNK = 2048
+SUMMARY_LENGTHS = (2048, 4096)
+SUMMARY_PROMPTS = 4
 PASSKEY_DEPTHS = 10
 MULTIKEY_DEPTHS = 5
 PPL_WINDOWS = 4
 PAGE = 32  # the plugin's default page size when compressing; vanilla gets it too
-MAX_MODEL_LEN = 4608
+MAX_MODEL_LEN = 8192  # the model's context
 KV_BYTES = 1 << 30
 PASSKEY_MAX_TOKENS = 8
 MULTIKEY_MAX_TOKENS = 10
@@ -93,12 +99,20 @@ QUICK_OUT_DIR = Path(tempfile.gettempdir()) / "vllm-kvcompress-quality-quick"
 
 # ----------------------------------------------------------------------------- engine side (worker subprocess)
 def engine_kwargs(policy: str, retention: float, kind: str, options: dict | None = None,
-                  dtype: str = "float32") -> dict:
+                  dtype: str = "float32", chunk: int = CHUNK) -> dict:
+    """``LLM(...)`` keywords of one engine: ``kind`` "retrieval" (every generation task) runs
+    vLLM's chunked prefill at ``chunk`` tokens per step as a server does (0: each prompt in one
+    step), "ppl" at the page size with ``prompt_compaction: per-chunk`` (a prompt compacted
+    once would hold every token until its end, and prompt_logprobs would measure nothing)."""
     kw: dict[str, Any] = dict(dtype=dtype, enforce_eager=True, kv_cache_memory_bytes=KV_BYTES,
                               max_model_len=MAX_MODEL_LEN, seed=SEED, block_size=PAGE)
+    options = dict(options or {})
     if kind == "ppl":
         kw.update(max_num_batched_tokens=PAGE, enable_chunked_prefill=True)
-    else:  # retrieval: each prompt is prefilled in one step
+        options["prompt_compaction"] = "per-chunk"
+    elif chunk:
+        kw.update(max_num_batched_tokens=chunk, enable_chunked_prefill=True)
+    else:  # each prompt is prefilled in one step
         kw.update(max_num_batched_tokens=MAX_MODEL_LEN, enable_chunked_prefill=False)
     if policy != "full":
         kw["additional_config"] = {"kv_compress": kv_settings(policy, retention, options)}
@@ -130,16 +144,21 @@ def run_worker(job: dict) -> dict:
     out: dict[str, Any] = {"seconds": {"start": time.perf_counter() - t0}}
     tag = job["tag"]
     try:
-        for task in RETRIEVAL_TASKS:
+        for task in GENERATION_TASKS:
             items = job.get(task)
             if not items:
                 continue
             t = time.perf_counter()
-            sp = SamplingParams(temperature=0.0, max_tokens=MULTIKEY_MAX_TOKENS if task == "multikey"
-                                else PASSKEY_MAX_TOKENS, seed=SEED)
+            if task == "summary":  # long answers: exactly SUMMARY_TOKENS tokens each
+                sp = SamplingParams(temperature=0.0, max_tokens=SUMMARY_TOKENS, min_tokens=SUMMARY_TOKENS, seed=SEED)
+            else:
+                sp = SamplingParams(temperature=0.0, max_tokens=MULTIKEY_MAX_TOKENS
+                                    if task in ("multikey", "distractor") else PASSKEY_MAX_TOKENS, seed=SEED)
             res = llm.generate([{"prompt_token_ids": it["ids"]} for it in items], sp,
                                use_tqdm=_tqdm_factory(f"{tag} {task}"))
             out[task] = [o.outputs[0].text for o in res]
+            if task == "summary":
+                out["summary_ids"] = [list(o.outputs[0].token_ids) for o in res]
             out["seconds"][task] = time.perf_counter() - t
         items = job.get("ppl")
         if items:
@@ -217,13 +236,16 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
             bar.write(f"{tag}: kept from the previous run (--resume)")
             continue
         run: dict[str, Any] = dict(policy=policy, retention=retention, seconds={})
+        cfg = None
         if policy != "full":  # the resolved settings (policy defaults included) this run used
-            run["kv_compress"] = dataclasses.asdict(KVCompressConfig(**kv_settings(policy, retention, args.kv)))
+            cfg = KVCompressConfig(**kv_settings(policy, retention, args.kv))
+            run["kv_compress"] = dataclasses.asdict(cfg)
         t0 = time.perf_counter()
         jobs = []
-        if any(prompts.get(t) for t in RETRIEVAL_TASKS):
-            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "retrieval", args.kv, args.dtype),
-                             **{t: [dict(ids=it["ids"]) for it in prompts.get(t, [])] for t in RETRIEVAL_TASKS}))
+        if any(prompts.get(t) for t in GENERATION_TASKS):
+            jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "retrieval", args.kv, args.dtype,
+                                                           args.chunk),
+                             **{t: [dict(ids=it["ids"]) for it in prompts.get(t, [])] for t in GENERATION_TASKS}))
         if prompts["ppl"]:
             jobs.append(dict(tag=tag, engine=engine_kwargs(policy, retention, "ppl", args.kv, args.dtype),
                              ppl=[dict(ids=it["ids"]) for it in prompts["ppl"]], ppl_tail_from=tail_from))
@@ -233,14 +255,23 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
             for k, v in res["seconds"].items():
                 run["seconds"][f"{kind}_{k}" if k == "start" else k] = round(v, 2)
             for task in RETRIEVAL_TASKS:
-                score = score_multikey if task == "multikey" else score_passkey
+                score = score_multikey if task in ("multikey", "distractor") else score_passkey
                 if task in res:
                     items = []
                     for it, text in zip(prompts[task], res[task]):
                         row = {k: it[k] for k in ("length", "depth", "answer")}
                         row.update(output=text, correct=score(text, it["answer"]), tokens=len(it["ids"]))
+                        if cfg is not None:
+                            row["held"] = round(held_fraction(cfg, len(it["ids"])), 4)
                         items.append(row)
                     run[task] = dict(summarize(items), items=items)
+            if "summary" in res:
+                run["summary"] = dict(items=[dict(length=it["length"], tokens=len(it["ids"]), output=text, ids=ids,
+                                                  **({"held": round(held_fraction(cfg, len(it["ids"])), 4)}
+                                                     if cfg is not None else {}))
+                                             for it, text, ids in zip(prompts["summary"], res["summary"],
+                                                                      res["summary_ids"])])
+                agree_with_full(run, next((r for r in runs if r["policy"] == "full"), None))
             if "ppl" in res:
                 run["ppl"] = summarize_ppl(res["ppl"], tail_from)
         run["seconds"]["total"] = round(time.perf_counter() - t0, 2)
@@ -253,14 +284,50 @@ def run_grid(args, prompts: dict, progress=True, done: Sequence[dict] = (), on_r
                   key=lambda r: order[(r["policy"], r["retention"])])
 
 
+def held_fraction(cfg: KVCompressConfig, prompt_len: int) -> float:
+    """The retention a request actually holds right after its prompt: the mean over layers of
+    the tokens kept (``retained_count``: a layer keeps its budget plus the compaction slack,
+    ``(P - B) % compress_interval``) over the prompt length."""
+    from vllm_kvcompress.policies import layer_budgets, retained_count
+
+    budgets = layer_budgets(cfg, num_layers(), prompt_len)
+    held = [retained_count(prompt_len, b, cfg.compress_interval, **cfg.retention_args(prompt_len)) for b in budgets]
+    return float(np.mean(held)) / prompt_len
+
+
+@functools.lru_cache(maxsize=1)
+def num_layers() -> int:
+    from transformers import AutoConfig
+
+    from vllm_kvcompress.assets import model_path
+
+    return int(AutoConfig.from_pretrained(str(model_path())).num_hidden_layers)
+
+
+def agree_with_full(run: dict, full: dict | None) -> None:
+    """Score a run's long answers against the full cache's own answers to the same prompts:
+    identical prefix (tokens) and ROUGE-L F1 (``scoring.rouge_l``)."""
+    if "summary" not in run or full is None or "summary" not in full:
+        return
+    items = run["summary"]["items"]
+    for it, ref in zip(items, full["summary"]["items"]):
+        it.update(prefix=identical_prefix(it["ids"], ref["ids"]), rouge_l=round(rouge_l(it["ids"], ref["ids"]), 4),
+                  tokens_out=len(ref["ids"]))
+    run["summary"].update(summarize_agreement(items))
+
+
 def _one_line(run: dict) -> str:
     parts = [f"{label(run['policy'], run['retention']):16s}"]
     if "passkey" in run:
         parts.append(f"passkey {run['passkey']['acc']:.0%}")
     if "passkey_once" in run:
         parts.append(f"passkey once {run['passkey_once']['acc']:.0%}")
+    if "distractor" in run:
+        parts.append(f"distractor {run['distractor']['acc']:.0%}")
     if "multikey" in run:
         parts.append(f"multikey {run['multikey']['acc']:.0%}")
+    if "summary" in run and "rouge_l" in run["summary"]:
+        parts.append(f"summary prefix {run['summary']['prefix']:.0f} tok, ROUGE-L {run['summary']['rouge_l']:.2f}")
     if "ppl" in run:
         parts.append(f"ppl {run['ppl']['ppl']:.3f}")
     parts.append(f"({run['seconds']['total']:.0f} s)")
@@ -308,7 +375,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--policies", type=_policies, default=None, help=f"comma list (default {','.join(POLICIES)})")
     ap.add_argument("--retentions", type=_floats, default=None,
                     help="comma list of --kv-budget fractions (default 0.5,0.25,0.125)")
-    ap.add_argument("--lengths", type=_ints, default=None, help="retrieval prompt lengths in tokens (default 1024,2048,4096)")
+    ap.add_argument("--lengths", type=_ints, default=None,
+                    help=f"retrieval prompt lengths in tokens (default {','.join(map(str, LENGTHS))})")
+    ap.add_argument("--chunk", type=int, default=CHUNK,
+                    help=f"vLLM's chunked prefill: at most this many tokens per step, as `vllm serve` runs on CPU "
+                         f"(default {CHUNK}); 0 prefills each prompt in one step (chunked prefill off)")
+    ap.add_argument("--summary-lengths", type=_ints, default=SUMMARY_LENGTHS,
+                    help=f"summary task: essay prompt lengths (default {','.join(map(str, SUMMARY_LENGTHS))})")
+    ap.add_argument("--summary-prompts", type=int, default=SUMMARY_PROMPTS,
+                    help=f"summary task: prompts per length (default {SUMMARY_PROMPTS})")
     ap.add_argument("--depths", type=int, default=None,
                     help=f"passkey needle depths, evenly spaced over 0..100%% (default {PASSKEY_DEPTHS})")
     ap.add_argument("--multikey-depths", type=int, default=None, help=f"multi-key depths (default {MULTIKEY_DEPTHS})")
@@ -362,7 +437,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for t in args.tasks:
         if t not in TASKS:
             ap.error(f"unknown task {t!r}")
-    if max(args.lengths) + MULTIKEY_MAX_TOKENS > MAX_MODEL_LEN or args.ppl_len + 1 > MAX_MODEL_LEN:
+    if args.chunk < 0:
+        ap.error(f"--chunk must be >= 0 (0: one step per prompt), got {args.chunk}")
+    if (max(args.lengths) + MULTIKEY_MAX_TOKENS > MAX_MODEL_LEN or args.ppl_len + 1 > MAX_MODEL_LEN
+            or max(args.summary_lengths) + SUMMARY_TOKENS + 64 > MAX_MODEL_LEN):
         ap.error(f"prompts must fit the engine's max_model_len {MAX_MODEL_LEN}")
     return args
 
@@ -382,6 +460,10 @@ def build_all_prompts(args) -> tuple[dict, Any]:
                       if "passkey_once" in args.tasks else []),
         multikey=(multikey_prompts(hay, args.lengths, mid_depth_grid(args.multikey_depths), seed=args.seed)
                   if "multikey" in args.tasks else []),
+        distractor=(multikey_prompts(hay, args.lengths, depth_grid(args.depths), num_keys=2, seed=args.seed,
+                                     task="distractor") if "distractor" in args.tasks else []),
+        summary=(summary_prompts(hay, args.summary_lengths, args.summary_prompts, seed=args.seed)
+                 if "summary" in args.tasks else []),
         ppl=(ppl_windows(hay, args.ppl_windows, args.ppl_len, seed=args.seed)
              if "ppl" in args.tasks and args.ppl_windows else []),
     )
@@ -391,7 +473,7 @@ def build_all_prompts(args) -> tuple[dict, Any]:
 def _grid_key(meta: dict) -> dict:
     """What must match for runs of an earlier result to be reused (--resume)."""
     return {k: meta.get(k) for k in ("lengths", "passkey_depths", "multikey_depths", "ppl_windows", "seed", "engine",
-                                     "prompt_format", "kv_options")}
+                                     "prompt_format", "kv_options", "summary_lengths", "tasks")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -419,15 +501,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine=f"{os.cpu_count()} CPU cores ({platform.machine()}), vLLM CPU build",
         model=MODEL_NAME, seed=args.seed, runtime_s=0.0,
         policies=list(args.policies), retentions=list(args.retentions), lengths=list(args.lengths),
-        passkey_depths=depth_grid(args.depths) if {"passkey", "passkey_once"} & set(args.tasks) else [],
+        tasks=list(args.tasks), chunk=args.chunk,
+        summary_lengths=list(args.summary_lengths) if "summary" in args.tasks else [],
+        passkey_depths=depth_grid(args.depths) if {"passkey", "passkey_once", "distractor"} & set(args.tasks) else [],
         multikey_depths=mid_depth_grid(args.multikey_depths) if "multikey" in args.tasks else [],
         ppl_windows=[dict(offset=w["offset"], tokens=len(w["ids"])) for w in prompts["ppl"]],
-        engine=dict(retrieval=engine_kwargs("full", 1.0, "retrieval", dtype=args.dtype),
+        engine=dict(retrieval=engine_kwargs("full", 1.0, "retrieval", dtype=args.dtype, chunk=args.chunk),
                     ppl=engine_kwargs("full", 1.0, "ppl", dtype=args.dtype)),
         **({"kv_options": args.kv} if args.kv else {}),
         prompt_format=dict(passkey=[PASSKEY_PREFIX, PASSKEY_NEEDLE, PASSKEY_QUESTION],
                            passkey_once=[PASSKEY_PREFIX, PASSKEY_ONCE_NEEDLE, PASSKEY_QUESTION],
-                           multikey=[MULTIKEY_PREFIX, MULTIKEY_NEEDLE, MULTIKEY_QUESTION]),
+                           multikey=[MULTIKEY_PREFIX, MULTIKEY_NEEDLE, MULTIKEY_QUESTION],
+                           distractor=[MULTIKEY_PREFIX, MULTIKEY_NEEDLE, MULTIKEY_QUESTION],
+                           summary=[SUMMARY_INSTRUCTION]),
         setup=setup_notes(args), notes=notes,
     )
     done: list[dict] = []
@@ -471,13 +557,32 @@ def setup_notes(args) -> list[str]:
         f"({', '.join(f'{d:.0%}' for d in mid_depth_grid(args.multikey_depths))}), the other "
         f"{MULTIKEY_NUM_KEYS - 1} at random depths; prompt ends `{MULTIKEY_QUESTION.strip()}`; "
         f"{MULTIKEY_MAX_TOKENS} new tokens; correct if the first number in the output is the queried value.",
-        "Retrieval prompts are prefilled in one step (chunked prefill off, `max_num_batched_tokens` = "
-        f"{MAX_MODEL_LEN}): every layer scores the whole prompt, question included, then compacts to its budget; "
-        "the first new token (a space) comes from that full prefill, every digit is decoded from the compressed cache.",
+        f"**distractor** ({len(args.lengths) * args.depths if 'distractor' in args.tasks else 0} prompts): the "
+        f"multi-key needle stated once for the queried word at {args.depths} evenly spaced depths and once for a "
+        "second word (a distractor fact of the same shape) at a random depth; scored as multi-key.",
+        f"**summary** ({len(args.summary_lengths) * args.summary_prompts if 'summary' in args.tasks else 0} "
+        f"prompts): the chat template around `{SUMMARY_INSTRUCTION.splitlines()[0]}` and an essay excerpt, prompts of "
+        f"{', '.join(map(str, args.summary_lengths))} tokens; greedy, exactly {SUMMARY_TOKENS} new tokens "
+        "(`min_tokens` = `max_tokens`). Each answer is scored against the full cache's answer to the same prompt: "
+        "the identical prefix in tokens, and ROUGE-L F1 over tokens (longest common subsequence), which still "
+        "credits an answer that diverged by a word but goes on to say the same things in the same order.",
+        (f"Generation prompts are prefilled as `vllm serve` does on CPU: chunked prefill on, at most {args.chunk} "
+         "tokens per step (`max_num_batched_tokens`; several prompts share a step). A prompt longer than a step is "
+         "split, and with the default `prompt_compaction: once` each layer keeps the prompt until its last chunk, "
+         "then compacts once with the question's votes; the answer is decoded from the compressed cache."
+         if args.chunk else
+         "Generation prompts are prefilled in one step (chunked prefill off, `max_num_batched_tokens` = "
+         f"{MAX_MODEL_LEN}): every layer scores the whole prompt, question included, then compacts to its budget; "
+         "the first new token (a space) comes from that full prefill, every digit is decoded from the compressed "
+         "cache."),
+        "Retention *held* is what a request actually keeps right after its prompt, the mean over layers and prompts "
+        "of retained tokens over prompt tokens: a layer keeps its budget plus the compaction slack "
+        "(`(P - B) % compress_interval`), so it sits above the nominal retention.",
         f"**perplexity**: {args.ppl_windows} non-overlapping {args.ppl_len}-token window(s) of essay text (one per "
         f"equal segment of the essays, random offset), `prompt_logprobs` with chunked prefill of {PAGE} tokens "
         f"(`max_num_batched_tokens={PAGE}`, page size {PAGE}), so every chunk attends to the cache as evicted after "
-        "the previous chunks. Pooled over windows (mean NLL of all predicted tokens, then exp); \"2nd half\" counts "
+        "the previous chunks (`prompt_compaction: per-chunk`: compacted once, a prompt would keep every token until "
+        "its end). Pooled over windows (mean NLL of all predicted tokens, then exp); \"2nd half\" counts "
         f"only positions >= {args.ppl_len // 2}, where every retention <= 0.5 is already evicting.",
         f"Engines: `LLM(model, dtype='{args.dtype}', enforce_eager=True, kv_cache_memory_bytes={KV_BYTES}, "
         f"max_model_len={MAX_MODEL_LEN}, seed={SEED}, block_size={PAGE}, ...)` plus "
