@@ -187,7 +187,15 @@ def test_cli_parsing(capsys):
     assert "additional_config" not in q.engine_kwargs("full", 1.0, "retrieval")
     kw = q.engine_kwargs("h2o", 0.25, "retrieval")
     assert kw["additional_config"] == {"kv_compress": {"policy": "h2o", "budget": 0.25}}
-    assert kw["block_size"] == q.PAGE and kw["max_num_batched_tokens"] >= 4096 + q.MULTIKEY_MAX_TOKENS
+    # retrieval and summaries are prefilled as `vllm serve` does: chunked, q.CHUNK tokens per step
+    assert kw["block_size"] == q.PAGE and kw["max_num_batched_tokens"] == q.CHUNK and kw["enable_chunked_prefill"]
+    one_step = q.engine_kwargs("h2o", 0.25, "retrieval", chunk=0)
+    assert not one_step["enable_chunked_prefill"] and one_step["max_num_batched_tokens"] >= 8000 + q.MULTIKEY_MAX_TOKENS
+    # perplexity measures per-chunk compaction (a prompt compacted once would hold every token)
+    assert q.engine_kwargs("h2o", 0.25, "ppl")["additional_config"]["kv_compress"]["prompt_compaction"] == "per-chunk"
+    assert q.parse_args(["--chunk", "512"]).chunk == 512
+    with pytest.raises(SystemExit):
+        q.parse_args(["--chunk", "-1"])
 
     from vllm_kvcompress.eval.__main__ import main
 
@@ -262,7 +270,7 @@ def test_ablation_run_without_full_cache(tmp_path, monkeypatch):
     assert q.main(argv) == 0 and calls == ["h2o 0.25"]
     res = json.loads((tmp_path / "quality.json").read_text())
     assert res["meta"]["kv_options"] == {"h2o_kernel": 1} and res["runs"][0]["kv_compress"]["h2o_kernel"] == 1
-    assert "| h2o 0.25 | n/a | 0% |" in (tmp_path / "quality.md").read_text()
+    assert "| h2o 0.25 | 0% |" in (tmp_path / "quality.md").read_text()  # columns of the tasks run only
 
 
 def test_dtype_reaches_every_engine_and_the_report(tmp_path, monkeypatch):
@@ -278,3 +286,29 @@ def test_dtype_reaches_every_engine_and_the_report(tmp_path, monkeypatch):
     assert q.main(argv + ["--resume"]) == 0  # float32 now: the stored bf16 grid is not reused
     assert [e["dtype"] for e in engines[2:]] == ["float32", "float32"]
     assert "(float32, greedy;" in (tmp_path / "quality.md").read_text()
+
+
+def test_long_answer_agreement():
+    """identical prefix and ROUGE-L F1 (token LCS) of an answer against the full cache's."""
+    assert sc.identical_prefix([1, 2, 3, 4], [1, 2, 5, 4]) == 2 and sc.identical_prefix([1, 2], [1, 2]) == 2
+    assert sc.rouge_l([1, 2, 3], [1, 2, 3]) == 1.0 and sc.rouge_l([1, 2], [3, 4]) == 0.0
+    # LCS [1, 3, 4] of 4 and 5 tokens: p = 3/4, r = 3/5
+    assert sc.rouge_l([1, 3, 4, 9], [1, 2, 3, 4, 8]) == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    full = {"policy": "full", "summary": {"items": [dict(length=2048, ids=[1, 2, 3, 4])]}}
+    run = {"policy": "h2o", "summary": {"items": [dict(length=2048, ids=[1, 2, 9, 4])]}}
+    q.agree_with_full(run, full)
+    sm = run["summary"]
+    assert sm["prefix"] == 2 and sm["rouge_l"] == pytest.approx(0.75) and sm["identical"] == 0.0
+    assert sm["by_length"]["2048"]["prefix"] == 2
+
+
+def test_distractor_and_summary_prompts(hay):
+    items = pr.multikey_prompts(hay, [1024], pr.depth_grid(3), num_keys=2, task="distractor")
+    assert len(items) == 3 and all(it["task"] == "distractor" and len(it["distractors"]) == 1 for it in items)
+    text = hay.decode(items[0]["ids"])
+    word, value = next(iter(items[0]["distractors"].items()))
+    assert text.count(pr.MULTIKEY_NEEDLE.format(word=word, value=value).strip()) == 1
+    assert text.count(pr.MULTIKEY_NEEDLE.format(word=items[0]["word"], value=items[0]["answer"]).strip()) == 1
+    summ = pr.summary_prompts(hay, [2048], 2)
+    assert len(summ) == 2 and all(abs(len(it["ids"]) - 2048) <= 64 for it in summ), [len(it["ids"]) for it in summ]
+    assert "Summarize the following essay" in hay.tok.decode(summ[0]["ids"])
