@@ -77,7 +77,7 @@ def choose_dtype(requested: str, model_dir, flags: dict[str, bool] | None = None
 def attn_isa(dtype: str, block_size: int, head_dim: int | None) -> dict:
     """vLLM's CPU attention ISA for this dtype/page size/head size
     (``cpu_attn._get_attn_isa``), and the one compressed layers use (``amx`` becomes
-    ``vec`` unless ``VLLM_KVCOMPRESS_CPU_AMX=1``)."""
+    ``vec`` where ``VLLM_KVCOMPRESS_CPU_AMX=0``; by default they keep ``amx``)."""
     try:
         import torch
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa

@@ -192,6 +192,8 @@ def test_amx_switch_and_layout_check(monkeypatch):
     from vllm_kvcompress.integration import attention_backend as ab
 
     monkeypatch.delenv(ab.AMX_ENV, raising=False)
+    assert ab.amx_pages_enabled() is True  # the default: vLLM's fastest path on AMX CPUs (issue #28)
+    monkeypatch.setenv(ab.AMX_ENV, "0")
     assert ab.amx_pages_enabled() is False
     monkeypatch.setenv(ab.AMX_ENV, "1")
     assert ab.amx_pages_enabled() is True

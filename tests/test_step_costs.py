@@ -206,5 +206,12 @@ def test_fused_prefill_chosen_where_it_is_faster(policy, dtype):
     assert fuse_prefill(plan, ops.paged_view(k, v, None)) is (policy == "h2o" or dot)
     assert fuse_prefill(plan, ops.paged_view(k, v, None, amx=dtype == torch.bfloat16)) is (
         dtype != torch.bfloat16 and policy == "h2o")
+    # VLLM_KVCOMPRESS_FUSED_PREFILL=amx: H2O's prefill (most queries vote) fuses on "amx" pages too
+    from vllm_kvcompress.integration import step_plan
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(step_plan, "FUSED_PREFILL_AMX", True)
+        assert fuse_prefill(plan, ops.paged_view(k, v, None, amx=dtype == torch.bfloat16)) is (policy == "h2o" or (
+            dtype != torch.bfloat16 and dot))
     plan.weights = None
     assert plan.mostly_scored is False

@@ -105,8 +105,8 @@ def paged_view(key_cache: torch.Tensor, value_cache: torch.Tensor, acc: torch.Te
 # (vllm-project/vllm csrc/cpu/cpu_attn_amx.hpp, reshape_and_cache; checked against
 # vLLM's own cache-write op by tests/test_amx_layout.py, which runs anywhere: the write
 # op uses no AMX instruction). These are the torch reference of the packing; the C++
-# kernels read and write it directly (``amx=True``), and compressed layers use it only
-# with VLLM_KVCOMPRESS_CPU_AMX=1 (integration.attention_backend).
+# kernels read and write it directly (``amx=True``); compressed layers keep it (the default)
+# unless VLLM_KVCOMPRESS_CPU_AMX=0 (integration.attention_backend).
 
 
 def amx_key_index(block_size: int, head_size: int) -> torch.Tensor:

@@ -36,9 +36,12 @@ from vllm_kvcompress.integration.step_plan import CompressedBuilderMixin, Compre
 
 #: which backend class serves vLLM's CPU engine: "cpu" (default) or "triton"
 BACKEND_ENV = "VLLM_KVCOMPRESS_BACKEND"
-#: "1": compressed layers keep vLLM's "amx" pages where vLLM picks them (CPUs with AMX
-#: tiles, bf16, block size % 32 == 0) and the C++ kernels read that packing; default
-#: "0" moves them to "vec" pages. Experimental: never run on an AMX machine yet.
+#: "1" (default): compressed layers keep vLLM's "amx" pages where vLLM picks them (CPUs
+#: with AMX tiles, bf16, block size % 32 == 0), so their prefill runs vLLM's AMX attention,
+#: the fastest path vLLM has for the same layer, and the C++ kernels (decode attention +
+#: scores, window scores, compaction) read that packing; "0" moves them to "vec" pages,
+#: our dot-path kernels for every step (the escape hatch, and the other side of the A/B
+#: that ``python benchmarks/bench_throughput.py --ab`` runs on an AMX machine).
 AMX_ENV = "VLLM_KVCOMPRESS_CPU_AMX"
 TRITON_BACKEND_PATH = "vllm_kvcompress.integration.attention_triton.KVCompressTritonBackend"
 TRITON_ON_CPU_PATH = "vllm_kvcompress.integration.attention_triton.KVCompressTritonOnCPUBackend"
@@ -50,7 +53,8 @@ class KVCompressMetadataBuilder(CompressedBuilderMixin, CPUAttentionMetadataBuil
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_compression(kv_cache_spec)
-        # "vec" pages unless VLLM_KVCOMPRESS_CPU_AMX=1 ("amx" packing: ops.unpack_amx, tests/test_amx_layout.py)
+        # "amx" pages where vLLM picks them unless VLLM_KVCOMPRESS_CPU_AMX=0 ("amx" packing:
+        # ops.unpack_amx, tests/test_amx_layout.py)
         if self.compressed and self.isa == "amx" and not amx_pages_enabled():
             self.isa = "vec"
             self._set_isa_to_layers(layer_names)
@@ -83,8 +87,9 @@ def _halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def amx_pages_enabled() -> bool:
-    """``VLLM_KVCOMPRESS_CPU_AMX``: "1" keeps vLLM's "amx" pages for compressed layers."""
-    choice = os.environ.get(AMX_ENV, "0").strip() or "0"
+    """``VLLM_KVCOMPRESS_CPU_AMX``: "1" (default) keeps vLLM's "amx" pages for compressed
+    layers, "0" moves them to "vec" pages."""
+    choice = os.environ.get(AMX_ENV, "1").strip() or "1"
     if choice not in ("0", "1"):
         raise ValueError(f"{AMX_ENV}={choice!r}: expected 0 or 1")
     return choice == "1"

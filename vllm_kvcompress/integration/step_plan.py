@@ -53,8 +53,14 @@ FUSED_DECODE = os.environ.get("VLLM_KVCOMPRESS_FUSED_DECODE", "1") == "1"
 # 1.9K-token prompt, docs/results/bf16_kernels.md). Float32 pages where only a window of queries votes
 # (PyramidInfer, SnapKV) keep vLLM's attention + the window's scores (A/B:
 # docs/results/fused_prefill_ab). Not on vLLM's "amx" pages, where vLLM's AMX attention
-# is the fast one. Set 0 to compare.
-FUSED_PREFILL = os.environ.get("VLLM_KVCOMPRESS_FUSED_PREFILL", "1") == "1"
+# is the fast one (unmeasured here: no AMX on our machines); "amx" also fuses there where
+# most queries vote (H2O: one pass instead of vLLM's AMX attention + a second scoring
+# pass), the other side of that A/B (benchmarks/bench_throughput.py --ab). Set 0 to compare.
+_FUSED_PREFILL_ENV = os.environ.get("VLLM_KVCOMPRESS_FUSED_PREFILL", "1").strip() or "1"
+if _FUSED_PREFILL_ENV not in ("0", "1", "amx"):
+    raise ValueError(f"VLLM_KVCOMPRESS_FUSED_PREFILL={_FUSED_PREFILL_ENV!r}: expected 0, 1 or amx")
+FUSED_PREFILL = _FUSED_PREFILL_ENV != "0"
+FUSED_PREFILL_AMX = _FUSED_PREFILL_ENV == "amx"
 
 
 def score_cache_share(head_size: int, dtype: torch.dtype) -> float:
@@ -120,9 +126,13 @@ def fuse_prefill(plan: StepPlan, paged: ops.PagedLayer) -> bool:
     """Whether a non-decode step of a compressed layer (plain attention) runs
     ops.prefill_attention_scores instead of vLLM's attention + ops.window_scores
     (see FUSED_PREFILL): C++ kernels on "vec" pages, and most queries scored or the
-    AVX512-BF16 dot path available for this cache."""
-    return (FUSED_PREFILL and not paged.amx and ops.impl_for(paged.v.device) == "cpp"
-            and (plan.mostly_scored or ops.bf16_dot(paged.v.dtype, paged.v.shape[-1])))
+    AVX512-BF16 dot path available for this cache; on "amx" pages only with
+    ``VLLM_KVCOMPRESS_FUSED_PREFILL=amx`` and most queries scored."""
+    if not FUSED_PREFILL or ops.impl_for(paged.v.device) != "cpp":
+        return False
+    if paged.amx:
+        return FUSED_PREFILL_AMX and plan.mostly_scored
+    return plan.mostly_scored or ops.bf16_dot(paged.v.dtype, paged.v.shape[-1])
 
 
 class CompressedBuilderMixin:
