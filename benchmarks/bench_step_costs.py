@@ -278,15 +278,18 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": command, "machine": rec, "model": model, "engine_kwargs": kw,
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "runs": runs, "seconds": time.time() - t_start}
-    (args.out_dir / "step_costs.json").write_text(json.dumps(payload, indent=2, default=str))
+    from vllm_kvcompress.portable_paths import portable  # repository-relative paths or <cache>, <out-dir>, <venv>
+
+    dirs = {"out_dir": args.out_dir.absolute()}
+    (args.out_dir / "step_costs.json").write_text(json.dumps(portable(payload, **dirs), indent=2, default=str))
     cov = ", ".join(f"{r['label']} {wl} {w['step_coverage']:.0%}" for r in runs for wl, w in r["workloads"].items())
-    (args.out_dir / "step_costs.md").write_text("\n".join(
+    (args.out_dir / "step_costs.md").write_text(portable("\n".join(
         [f"# Per-step cost breakdown: vanilla vs {', '.join(args.policies)} at retention {args.retention:g}", "",
          f"Model `{Path(model).name}`, {args.dtype} ({args.dtype_reason}), engine {kw}.", "",
          f"Machine: {machine.describe(rec)}.", "", *md[1:], "",
          "Columns: see `benchmarks/bench_step_costs.py`; *rest* = step time - the timed parts (model matmuls, "
          "sampling, scheduling, vLLM's own metadata build, Python). Share of `generate` wall time inside engine "
-         f"steps: {cov}.", "", "Command:", "", "```bash", command, "```", ""]))
+         f"steps: {cov}.", "", "Command:", "", "```bash", command, "```", ""]), **dirs))
     print(f"\n{(time.time() - t_start) / 60:.1f} min; wrote {args.out_dir / 'step_costs.json'}, "
           f"{args.out_dir / 'step_costs.md'}")
     return 0

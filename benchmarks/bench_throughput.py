@@ -29,6 +29,13 @@ Running requests and pages per running request come from the plugin's
 ``VLLM_KVCOMPRESS_STATS_FILE`` (engine-core scheduler counters, also for vanilla);
 missing keys are reported as n/a.
 
+Paths in the result files are relative to the repository (``.venv/bin/python``,
+``benchmarks/...``) or placeholders: ``<cache>`` for the plugin's cache (the model is
+``<cache>/SmolLM2-135M-Instruct``: ``python -m vllm_kvcompress.assets model``),
+``<work-dir>`` for ``--work-dir`` (logs, prompts, raw results), ``<out-dir>`` for an
+``--out-dir`` outside the repository, ``<venv>`` for a venv outside it
+(``vllm_kvcompress.portable_paths``); the console output keeps the real paths.
+
     python benchmarks/bench_throughput.py                        # main table, ~35 min
     python benchmarks/bench_throughput.py --no-main --scaling    # vs prompt length / retention + PNGs, ~35 min
     python benchmarks/bench_throughput.py --no-main --online     # vllm serve + vllm bench serve: TTFT/TPOT, ~10 min
@@ -67,6 +74,7 @@ import time
 from pathlib import Path
 
 from vllm_kvcompress.assets import essays_text, model_path
+from vllm_kvcompress.portable_paths import portable
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -77,6 +85,16 @@ REPO = HERE.parent
 VLLM_SHIM = HERE / "vllm_cli_custom_dataset.py"
 VLLM = Path(sys.executable).with_name("vllm")
 STATS_ENV = "VLLM_KVCOMPRESS_STATS_FILE"
+#: the run's directories, for :func:`_portable` (set by main)
+_RUN_DIRS: dict = {}
+PATHS_NOTE = ("Paths: `<cache>` is the plugin's cache (`python -m vllm_kvcompress.assets model` prints the model's "
+              "path), `<work-dir>` the run's `--work-dir` (logs, prompts, raw results); others are relative to the "
+              "repository.")
+
+
+def _portable(value):
+    """``value`` with this machine's paths made repository-relative or placeholders (result files)."""
+    return portable(value, **_RUN_DIRS)
 INSTRUCTION = "\n\nSummarize the text above in a few sentences."
 MIB = 1 << 20
 
@@ -787,8 +805,10 @@ def online_md(on: dict, command: str, args) -> str:
         ("request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms"))]
     lines += ["", "Command:", "", "```bash", command, "```", "", "Per server:", ""]
     for r in on["runs"]:
-        lines += ["```bash", r["serve_command"], r["bench_command"].replace(str(Path(ds["path"]).parent), "$WORK"), "```"]
-    return "\n".join(lines) + "\n"
+        lines += ["```bash", r["serve_command"], r["bench_command"].replace(str(Path(ds["path"]).parent), "<work-dir>"),
+                  "```"]
+    lines += ["", PATHS_NOTE]
+    return _portable("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- reporting
@@ -861,9 +881,9 @@ def write_main_md(path: Path, table: dict, text: str, cols, rows, checks, bounds
           "Each run is one `vllm bench throughput` subprocess (through `benchmarks/vllm_cli_custom_dataset.py`, the "
           "`vllm` entry point with `--dataset-name custom` allowed); per run:", "", "```bash"]
     for r in table["runs"] + ([pre] if pre else []) + policy_prefill(table):
-        L.append(r["command"].replace(str(Path(table["dataset"]["path"]).parent), "$WORK"))
-    L += ["```", ""]
-    path.write_text("\n".join(L))
+        L.append(r["command"].replace(str(Path(table["dataset"]["path"]).parent), "<work-dir>"))
+    L += ["```", "", PATHS_NOTE, ""]
+    path.write_text(_portable("\n".join(L)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -930,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_throughput-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    _RUN_DIRS.update(work_dir=workdir.absolute(), out_dir=out_dir.absolute())
     command = "python benchmarks/bench_throughput.py" + "".join(" " + shlex.quote(a) for a in argv)
     args.dtype, args.dtype_reason = machine.choose_dtype(args.dtype, model_path())
     info = machine_info(args)
@@ -946,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def dump(name: str, payload: dict) -> Path:
         path = out_dir / name
-        path.write_text(json.dumps({**header, **payload}, indent=2, default=str))
+        path.write_text(json.dumps(_portable({**header, **payload}), indent=2, default=str))
         return path
 
     written: list[Path] = []
@@ -971,14 +992,14 @@ def main(argv: list[str] | None = None) -> int:
         pngs = plot_scaling(sc, out_dir)
         md = scaling_md(sc)
         print("\nScaling:\n" + md)
-        (out_dir / "throughput_scaling.md").write_text(
+        (out_dir / "throughput_scaling.md").write_text(_portable(
             f"# Throughput vs prompt length and vs retention (same KV memory {fmt_bytes(args.kv_bytes)})"
             + (" — QUICK SMOKE RUN, not a result" if q else "") + "\n\n"
             f"{sc['num_prompts']} essay prompts per point, {args.output_len} output tokens, page size "
             f"{args.block_size or 'per-run default'}, {args.dtype}, eager, {os.cpu_count()} CPU cores. Retention 1.0 = "
             f"the policy on with a budget covering prompt + output (nothing evicted). Plots: "
             + ", ".join(f"[{p.name}]({p.name})" for p in pngs) + "\n\n" + md
-            + f"\n\nMachine: {machine.describe(info)}.\n\nCommand:\n\n```bash\n{command}\n```\n")
+            + f"\n\nMachine: {machine.describe(info)}.\n\nCommand:\n\n```bash\n{command}\n```\n"))
         written += [*pngs, out_dir / "throughput_scaling.md", dump("throughput_scaling.json", {"scaling": sc})]
         print(f"scaling: {sc['seconds'] / 60:.1f} min", flush=True)
 

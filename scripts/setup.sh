@@ -13,7 +13,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 . .venv/bin/activate
 
 stamp=.venv/.kvcompress-setup
-want=$(cat pyproject.toml scripts/setup.sh scripts/fix_vllm_cli.py $(ls csrc/*.cpp csrc/*.h 2>/dev/null) | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml setup.py scripts/setup.sh scripts/fix_vllm_cli.py $(ls csrc/*.cpp csrc/*.h 2>/dev/null) | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing vllm-kvcompress[cpu,test] into .venv (first run: a few minutes)"
     python -m pip install --quiet --upgrade pip
@@ -27,6 +27,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 # The C++ CPU kernels (csrc/), compiled once per user and source hash (seconds when cached).
+# (An editable install compiles nothing at install time: setup.py builds them into wheels only.)
 python -m vllm_kvcompress._ext >/dev/null
 # Embedded model (GGUF -> bf16 HF checkpoint) and haystack essays, once per user.
 python -m vllm_kvcompress.assets all >/dev/null

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvcompress.config import POLICY_NAMES, SCHEDULE_NAMES, ConfigError, KVCompressConfig
+from vllm_kvcompress.config import BUDGET_UNITS, POLICY_NAMES, SCHEDULE_NAMES, ConfigError, KVCompressConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -125,7 +125,34 @@ def test_budget_not_positive(budget):
 
 def test_budget_non_integer_tokens():
     msg = _err(policy="h2o", budget=100.5)
-    assert msg.startswith("kv_compress.budget: a token budget must be an integer, got 100.5")
+    assert msg == f"kv_compress.budget: 100.5 is neither a fraction below 1 nor a whole number of tokens; the budget is {BUDGET_UNITS}"
+
+
+def test_budget_whole_number_float_is_tokens():
+    """``2.0`` is 2 tokens (refused below min_layer_budget), and the message says fractions lie in (0, 1)."""
+    assert KVCompressConfig(policy="h2o", budget=128.0).budget == 128
+    msg = _err(policy="h2o", budget=2.0)
+    assert msg.startswith("kv_compress.budget: 2 tokens is below min_layer_budget (64)")
+    assert "a fraction of the prompt in (0, 1)" in msg
+
+
+@pytest.mark.parametrize("kw", [dict(budget="0.5"), dict(budget=0), dict(budget=-3), dict(budget=2.5), dict(budget=2.0),
+                                dict(budget=40, snapkv_window=32, sinks=16, min_layer_budget=8, policy="snapkv")])
+def test_budget_errors_share_one_wording(kw):
+    """Every unit error of the budget ends with the same sentence as the --kv-budget help."""
+    kw = {"policy": "h2o", **kw}
+    assert _err(**kw).endswith(f"; the budget is {BUDGET_UNITS}")
+    assert "(0, 1)" in BUDGET_UNITS and ">= min_layer_budget (default 64)" in BUDGET_UNITS
+
+
+def test_yaml_not_utf8_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("kv_compress:\n  policy: h2o  # r\xe9sum\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as ei:
+        KVCompressConfig.from_yaml(bad)
+    msg = str(ei.value)
+    assert msg == (f"kv_compress: {str(bad)!r} is not UTF-8 text (byte 0xe9 at offset 31); "
+                   "expected a UTF-8 YAML file with a kv_compress mapping")
 
 
 @pytest.mark.parametrize("budget", ["0.5", None, True, float("nan"), float("inf")])
@@ -139,7 +166,8 @@ def test_budget_with_policy_none():
 
 def test_budget_below_sinks_plus_recent():
     msg = _err(policy="snapkv", budget=40, snapkv_window=32, sinks=16, min_layer_budget=8)
-    assert msg == "kv_compress.budget: 40 tokens is less than sinks + recent_window = 16 + 32 for policy 'snapkv'"
+    assert msg == ("kv_compress.budget: 40 tokens is less than sinks + recent_window = 16 + 32 for policy 'snapkv'"
+                   f"; the budget is {BUDGET_UNITS}")
     msg = _err(policy="h2o", budget=100, recent_window=90, sinks=20)
     assert msg.startswith("kv_compress.budget: 100 tokens is less than sinks + recent_window = 20 + 90")
     # a fraction cannot be checked before the prompt is known
@@ -276,7 +304,7 @@ def test_request_budget_accepts(server, value, want):
     ({"policy": "pyramid", "budget": 0.25}, 0.5, "above the server's budget"),
     ({"policy": "pyramid", "budget": 512}, 16, "below the page size"),
     ({"policy": "pyramid", "budget": 512}, 40, "min_layer_budget"),
-    ({"policy": "pyramid", "budget": 512}, 100.5, "integer"),
+    ({"policy": "pyramid", "budget": 512}, 100.5, "neither a fraction below 1 nor a whole number"),
     ({"policy": "pyramid", "budget": 512}, 0, "> 0"),
     ({"policy": "pyramid", "budget": 512}, -3, "> 0"),
     ({"policy": "pyramid", "budget": 512}, 1, "keep everything"),

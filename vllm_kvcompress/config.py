@@ -9,10 +9,16 @@ Budget convention
 -----------------
 ``budget`` is the MEAN number of retained tokens per layer of a request:
 
-* ``1`` / ``1.0``: keep everything (nothing is ever evicted);
 * a value in ``(0, 1)``: a fraction of the prompt length, resolved per request
   as ``ceil(budget * prompt_len)`` tokens;
-* an integer ``> 1``: that many tokens.
+* a whole number ``> 1`` (``256`` or ``256.0``): that many tokens; it must also be
+  ``>= min_layer_budget`` (default 64), ``>= sinks + recent_window`` where those are
+  fixed, and ``>= the page size`` (checked where the page size is known);
+* ``1`` / ``1.0``: keep everything (nothing is ever evicted).
+
+:data:`BUDGET_UNITS` is the one wording of these units: the ``--kv-budget`` help and
+every budget error use it (``2.0`` is 2 tokens, refused as below min_layer_budget,
+and the message says fractions lie in (0, 1)).
 
 See ``docs/policies.md`` for the semantics of the other options.
 """
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = [
+    "BUDGET_UNITS",
     "ConfigError",
     "KVCompressConfig",
     "POLICY_NAMES",
@@ -60,6 +67,10 @@ DEFAULT_SINKS: dict[str, int] = {"none": 0, "h2o": 0, "pyramid": 4, "snapkv": 0,
 #: PyramidInfer reference ``prefill_decay_ratio`` (configs/llama*_*.json)
 DEFAULT_PYRAMIDINFER_FLOOR_RATIO = 0.9
 
+#: the units of ``budget`` / ``--kv-budget`` / a request's ``kv_budget``, in the flag help and every budget error
+BUDGET_UNITS = ("a fraction of the prompt in (0, 1), a whole number of tokens >= min_layer_budget (default 64) "
+                "and >= the page size (--block-size), or 1 to keep everything")
+
 _PYRAMIDINFER_SCHEDULES = ("pyramidinfer-cosine", "pyramidinfer-linear")
 _PREFIX = "kv_compress"
 
@@ -70,6 +81,10 @@ class ConfigError(ValueError):
 
 def _err(option: str, msg: str) -> ConfigError:
     return ConfigError(f"{_PREFIX}.{option}: {msg}".replace("\n", " "))
+
+
+def _budget_err(msg: str) -> ConfigError:
+    return _err("budget", f"{msg}; the budget is {BUDGET_UNITS}")
 
 
 def _allowed(names: tuple[str, ...]) -> str:
@@ -86,7 +101,8 @@ class KVCompressConfig:
 
     #: one of :data:`POLICY_NAMES`
     policy: str = "none"
-    #: mean retained tokens per layer: 1.0 = keep all, (0, 1) = fraction of the prompt, int > 1 = tokens
+    #: mean retained tokens per layer (:data:`BUDGET_UNITS`): (0, 1) = fraction of the prompt, a whole number > 1 =
+    #: tokens (>= min_layer_budget and the page size), 1.0 = keep all
     budget: float = 1.0
     #: newest tokens always kept per layer; None = policy default (see docs/policies.md)
     recent_window: int | None = None
@@ -180,7 +196,7 @@ class KVCompressConfig:
             set_(self, "schedule", self.schedule.strip().lower())
         b = self.budget
         if not _is_number(b) or (isinstance(b, float) and not math.isfinite(b)):
-            raise _err("budget", f"must be a number (1.0 = keep all, (0, 1) = fraction of the prompt, integer > 1 = tokens), got {b!r}")
+            raise _budget_err(f"must be a number, got {b!r}")
         if b > 1 and float(b).is_integer():
             set_(self, "budget", int(b))
         for name in ("pyramidkv_beta", "obs_window_ratio", "h2o_window_weight"):
@@ -204,9 +220,9 @@ class KVCompressConfig:
 
         b = self.budget
         if b <= 0:
-            raise _err("budget", f"must be > 0 (1.0 = keep all, a fraction in (0, 1), or an integer token count > 1), got {b!r}")
+            raise _budget_err(f"must be > 0, got {b!r}")
         if b > 1 and not isinstance(b, int):
-            raise _err("budget", f"a token budget must be an integer, got {b!r} (use a value in (0, 1) for a fraction of the prompt)")
+            raise _budget_err(f"{b!r} is neither a fraction below 1 nor a whole number of tokens")
         if self.policy == "none" and b != 1:
             raise _err("budget", f"policy 'none' keeps everything, so budget must be 1.0, got {b!r}")
 
@@ -248,15 +264,14 @@ class KVCompressConfig:
         if isinstance(b, int) and b > 1:
             fixed = self.resolved_sinks + (self.fixed_recent or 0)
             if b < fixed:
-                raise _err(
-                    "budget",
+                raise _budget_err(
                     f"{b} tokens is less than sinks + recent_window = {self.resolved_sinks} + {self.fixed_recent or 0}"
-                    f" for policy {self.policy!r}",
+                    f" for policy {self.policy!r}"
                 )
             if b < self.min_layer_budget:
-                raise _err(
-                    "budget",
-                    f"{b} tokens is below min_layer_budget ({self.min_layer_budget}); lower kv_compress.min_layer_budget or raise the budget",
+                raise _budget_err(
+                    f"{b} tokens is below min_layer_budget ({self.min_layer_budget}), which a lower "
+                    f"kv_compress.min_layer_budget allows"
                 )
 
     # ------------------------------------------------------------------ derived values
@@ -370,6 +385,9 @@ class KVCompressConfig:
             text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{_PREFIX}: cannot read {str(p)!r}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{_PREFIX}: {str(p)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start}); expected a UTF-8 YAML file with a kv_compress mapping") from None
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -400,8 +418,8 @@ def _as_int(name: str, v: Any, *, optional: bool) -> int | None:
 def request_budget(cfg: KVCompressConfig, value: Any, block_size: int | None = None) -> float | int:
     """Validate a per-request ``kv_budget`` (``SamplingParams.extra_args``) against the server's config.
 
-    Same units as :attr:`KVCompressConfig.budget` (an integer > 1 is tokens, a
-    value in (0, 1) a fraction of the prompt). A request may only LOWER its
+    Same units as :attr:`KVCompressConfig.budget` (:data:`BUDGET_UNITS`; 1 is refused:
+    it would keep everything). A request may only LOWER its
     budget: a value above the server's budget in the same unit is refused (in
     mixed units the smaller of the two applies per layer). Returns the value
     normalised; raises :class:`ConfigError` with a one-line message starting
@@ -417,14 +435,14 @@ def request_budget(cfg: KVCompressConfig, value: Any, block_size: int | None = N
         try:
             value = float(value)
         except ValueError:
-            raise err(f"must be a number (tokens > 1 or a fraction in (0, 1)), got {value!r}") from None
+            raise err(f"must be a number, got {value!r}; the budget is {BUDGET_UNITS}") from None
     if isinstance(value, bool) or not _is_number(value) or not math.isfinite(value):
-        raise err(f"must be a number (tokens > 1 or a fraction in (0, 1)), got {value!r}")
+        raise err(f"must be a number, got {value!r}; the budget is {BUDGET_UNITS}")
     if value <= 0:
-        raise err(f"must be > 0 (tokens > 1 or a fraction in (0, 1)), got {value!r}")
+        raise err(f"must be > 0, got {value!r}; the budget is {BUDGET_UNITS}")
     if value >= 1:
         if not float(value).is_integer():
-            raise err(f"a token budget must be an integer, got {value!r} (use a value in (0, 1) for a fraction)")
+            raise err(f"{value!r} is neither a fraction below 1 nor a whole number of tokens; the budget is {BUDGET_UNITS}")
         value = int(value)
         if value == 1:
             raise err("1 would keep everything; a request may only lower the server's budget")

@@ -6,15 +6,22 @@ Adds ``--kv-policy``, ``--kv-budget``, ``--kv-schedule``, ``--kv-recent-window``
 (``vllm serve``, ``vllm bench ...``), and moves their values into
 ``additional_config["kv_compress"]`` — the same place offline users put them:
 ``LLM(..., additional_config={"kv_compress": {...}})``. Explicit flags override
-the YAML file. A bad value exits at once with a one-line error.
+the YAML file. A bad value exits at once with a one-line error naming the option and
+what it accepts: flags, the ``--kv-config`` file (unreadable, not UTF-8, not YAML),
+``--additional-config``'s ``kv_compress`` (a mapping, or a JSON object in a string, as
+``kv_config_of`` reads it) and a ``--kv-prefill-drop-from`` beyond the model's layers.
+Policy and schedule names are case-insensitive, as in the config.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Mapping
 
-from vllm_kvcompress.config import POLICY_NAMES, PROMPT_COMPACTION_NAMES, SCHEDULE_NAMES, ConfigError, KVCompressConfig
+from vllm_kvcompress.config import (BUDGET_UNITS, POLICY_NAMES, PROMPT_COMPACTION_NAMES, SCHEDULE_NAMES, ConfigError,
+                                    KVCompressConfig)
 from vllm_kvcompress.integration import platform_config
 from vllm_kvcompress.integration.common import CONFIG_KEY, patch_method
 
@@ -33,16 +40,27 @@ FLAGS = {
 }
 
 
+def _lower(value: str) -> str:
+    """``--kv-policy`` / ``--kv-schedule`` values: case-insensitive, like the config."""
+    return value.strip().lower()
+
+
+def _budget(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number; the budget is {BUDGET_UNITS}") from None
+
+
 def add_flags(parser) -> None:
     if any("--kv-policy" in a.option_strings for a in parser._actions):
         return
     g = parser.add_argument_group("KV-cache compression (vllm-kvcompress)")
-    g.add_argument("--kv-policy", choices=POLICY_NAMES, default=None,
-                   help="Eviction policy for the KV cache (default: none).")
-    g.add_argument("--kv-budget", type=float, default=None,
-                   help="Retained tokens per layer (mean over layers): an integer >= 1 is tokens, "
-                        "a value in (0, 1) a fraction of the prompt length.")
-    g.add_argument("--kv-schedule", choices=SCHEDULE_NAMES, default=None,
+    g.add_argument("--kv-policy", type=_lower, choices=POLICY_NAMES, default=None,
+                   help="Eviction policy for the KV cache (default: none; case-insensitive).")
+    g.add_argument("--kv-budget", type=_budget, default=None, metavar="BUDGET",
+                   help=f"Retained tokens per layer (mean over layers): {BUDGET_UNITS}.")
+    g.add_argument("--kv-schedule", type=_lower, choices=SCHEDULE_NAMES, default=None,
                    help="How the budget is spread over the layers (default: the policy's; pyramid: "
                         "pyramidinfer-cosine, snapkv: pyramidkv, others: uniform).")
     g.add_argument("--kv-recent-window", type=int, default=None,
@@ -69,17 +87,53 @@ def add_flags(parser) -> None:
                    help="YAML file with a kv_compress mapping (see configs/); flags override it.")
 
 
-def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict | None:
-    """The kv_compress dict from parsed flags (None if no flag was given)."""
-    d: dict = dict(base or {})
+def additional_config_dict(base) -> dict:
+    """``--additional-config``'s ``kv_compress`` value as a dict of options (a mapping, a
+    :class:`KVCompressConfig`, or a JSON object in a string, as ``kv_config_of`` takes it);
+    a one-line :class:`ConfigError` naming the option otherwise."""
+    where = "--additional-config kv_compress"
+    example = 'e.g. {"policy": "h2o", "budget": 0.25} (or that mapping as a JSON string)'
+    if base is None:
+        return {}
+    if isinstance(base, KVCompressConfig):
+        return base.to_dict()
+    if isinstance(base, str):
+        try:
+            base = json.loads(base)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{where}: expected a mapping of options, {example}, got the string "
+                              f"{base[:80]!r}") from None
+    if not isinstance(base, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of options, {example}, got {type(base).__name__} "
+                          f"{str(base)[:80]!r}")
+    if set(base) == {CONFIG_KEY}:  # the configs/*.yaml layout, as KVCompressConfig.from_dict takes it
+        return additional_config_dict(base[CONFIG_KEY])
+    return dict(base)
+
+
+def config_from_args(args: argparse.Namespace, base=None) -> dict | None:
+    """The kv_compress dict from parsed flags over ``--additional-config``'s ``kv_compress``
+    (``base``), validated; None if neither gives an option."""
+    d: dict = additional_config_dict(base)
     path = getattr(args, "kv_config", None)
     if path:
-        d.update(KVCompressConfig.from_yaml(path).to_dict())
+        try:
+            d.update(KVCompressConfig.from_yaml(path).to_dict())
+        except ConfigError as e:
+            raise ConfigError(f"--kv-config: {e}") from None
     given = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag, None) is not None}
-    if not path and not given:
+    if not path and not given and base is None:
         return None
     d.update(given)
     return KVCompressConfig.from_dict(d).to_dict()
+
+
+def _num_layers(engine_args) -> int | None:
+    """The model's layer count (None if its config cannot be read here: vLLM reports that)."""
+    try:
+        return engine_args.create_model_config().get_total_num_hidden_layers()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def apply() -> None:
@@ -107,6 +161,11 @@ def apply() -> None:
                                            eager=bool(engine_args.enforce_eager),
                                            parallel=engine_args.tensor_parallel_size * engine_args.pipeline_parallel_size,
                                            pipeline=engine_args.pipeline_parallel_size)
+                    kv = KVCompressConfig.from_dict(cfg)
+                    if kv.enabled and kv.prefill_drop and kv.prefill_drop_from > 1:
+                        layers = _num_layers(engine_args)
+                        if layers is not None:
+                            platform_config.check_layers(kv, layers)
             except ConfigError as e:
                 sys.exit(f"vllm: error: {e}")
             if cfg is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 
-from vllm_kvcompress.config import ConfigError
+from vllm_kvcompress.config import BUDGET_UNITS, ConfigError
 from vllm_kvcompress.integration.common import _MARK, CONFIG_KEY, kv_config_of, logger, patch_method
 
 DEFAULT_BLOCK_SIZE = 32
@@ -85,8 +85,22 @@ def refuse(cfg, *, speculative: bool, kv_transfer: bool, disable_hma: bool, bloc
                           f"(the Triton kernels take powers of two); allowed: {_allowed(CUDA_BLOCK_SIZES)}")
     bs = block_size or DEFAULT_BLOCK_SIZE
     if not cfg.keeps_all and not cfg.budget_is_fraction and cfg.budget < bs:
-        raise ConfigError(f"kv_compress.budget: {cfg.budget} tokens is below the page size (--block-size {bs}); "
-                          f"use a budget >= {bs} or a smaller --block-size")
+        raise ConfigError(f"kv_compress.budget: {cfg.budget} tokens is below the page size (--block-size {bs}; "
+                          f"a smaller --block-size allows it); the budget is {BUDGET_UNITS}")
+
+
+def check_layers(cfg, num_layers: int) -> None:
+    """Refuse a ``prefill_drop_from`` that leaves no layer to drop tokens (one line).
+
+    Layer ``prefill_drop_from`` is the first that computes fewer tokens, so it must be
+    a layer of the model after layer 0: at or beyond the layer count, prefill drop
+    would silently do nothing. Called by ``cli_args`` (``vllm serve`` exits in one
+    line) and by :func:`adjust` (every engine, once the model config is known)."""
+    if not cfg.enabled or not cfg.prefill_drop or cfg.prefill_drop_from < num_layers:
+        return
+    allowed = f"1 to {num_layers - 1}" if num_layers > 1 else "none (a 1-layer model cannot drop tokens)"
+    raise ConfigError(f"kv_compress.prefill_drop_from (--kv-prefill-drop-from): {cfg.prefill_drop_from} is not a "
+                      f"layer of this model that can drop tokens; it has {num_layers} layers, allowed: {allowed}")
 
 
 def _enabled(vllm_config) -> bool:
@@ -221,6 +235,8 @@ def adjust(vllm_config) -> None:
            parallel=vllm_config.parallel_config.tensor_parallel_size
            * vllm_config.parallel_config.pipeline_parallel_size,
            pipeline=vllm_config.parallel_config.pipeline_parallel_size)
+    if model is not None:
+        check_layers(cfg, model.get_total_num_hidden_layers())
     if current_platform.is_cuda():
         _adjust_cuda(vllm_config)
     if not user_bs:
