@@ -258,8 +258,12 @@ def write_plots(result: dict, out_dir: Path, prefix: str = "quality") -> list[Pa
 
 
 def write_json(result: dict, out_dir: Path, prefix: str = "quality") -> Path:
+    from vllm_kvcompress.portable_paths import portable
+
     out_dir.mkdir(parents=True, exist_ok=True)
     result["meta"]["json_name"] = f"{prefix}.json"
+    # the command names the repository's paths or <out-dir>, never this machine's (tests/test_docs_paths.py)
+    result["meta"]["command"] = portable(result["meta"]["command"], out_dir=out_dir)
     jpath = out_dir / f"{prefix}.json"
     tmp = jpath.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
