@@ -229,7 +229,8 @@ def test_orchestration_with_a_fake_worker(tmp_path, monkeypatch):
     assert [c[0] for c in calls] == ["full cache", "full cache", "streaming 0.25", "streaming 0.25"]
     assert calls[2][1] == {"kv_compress": {"policy": "streaming", "budget": 0.25}} and calls[3][2] == q.PAGE
     res = json.loads((tmp_path / "quality.json").read_text())
-    assert res["meta"]["complete"] and res["meta"]["command"].endswith(" ".join(argv))
+    # the temporary --out-dir is recorded as <out-dir>, never as this machine's path
+    assert res["meta"]["complete"] and res["meta"]["command"].endswith(" ".join(argv[:-1]) + " <out-dir>")
     assert [(r["policy"], r["passkey"]["acc"], r["ppl"]["ppl"]) for r in res["runs"]] == \
         [("full", 0.0, pytest.approx(math.e ** 2)), ("streaming", 0.0, pytest.approx(math.e ** 2))]
     assert (tmp_path / "quality.md").exists() and (tmp_path / "quality_ppl.png").exists()
