@@ -38,6 +38,13 @@ picks bfloat16 where the CPU has avx512_bf16/amx_bf16 (``benchmarks/machine.py``
 
     python benchmarks/bench_step_costs.py                 # SmolLM2-135M, 4 x 1024 tokens, 64 out
     python benchmarks/bench_step_costs.py --model DIR --num-prompts 2 --prompt-tokens 256 --output-tokens 16
+    python benchmarks/bench_step_costs.py --amx-ab        # each policy on "amx" pages, then on "vec" pages
+
+``--amx-ab`` (issue #28) runs each policy twice, ``VLLM_KVCOMPRESS_CPU_AMX=1`` (compressed
+layers keep vLLM's "amx" pages and its AMX prefill attention where vLLM picks them) then
+``=0`` ("vec" pages, our dot-path kernels): on an AMX CPU the two rows say where the time
+goes on each layout. The *pages* column is what the engine's attention layers actually
+use (their ``isa``); on a CPU without AMX both runs say "vec" (vLLM never picks "amx").
 
 Writes ``step_costs.{json,md}`` under ``--out-dir``.
 """
@@ -68,6 +75,7 @@ import machine  # noqa: E402
 from bench_throughput import MIB, Runner, csv_list, parse_bytes  # noqa: E402
 
 REPO = HERE.parent
+AMX_ENV = "VLLM_KVCOMPRESS_CPU_AMX"  # read when an engine's attention builders are made: switchable per engine
 COLUMNS = [("attn plain", "attention_plain"), ("attn compr", "attention"), ("fused decode", "fused_decode"),
            ("fused prefill", "fused_prefill"),
            ("scoring", "scoring"), ("selection", "selection"), ("compaction", "compaction"),
@@ -130,7 +138,37 @@ def worker_threads(vllm_config, requested: int | None) -> tuple[int, str]:
     return torch.get_num_threads(), why
 
 
-def run_engine(label: str, model: str, kw: dict, kv: dict | None, prompts, warm, args) -> dict:
+def page_layout(llm) -> str:
+    """The KV page layout of the engine's attention layers (vLLM's CPU ``isa`` each layer
+    was given, ``VLLM_KVCOMPRESS_CPU_AMX`` applied), e.g. ``vec`` or ``amx x24, vec x6``."""
+    from collections import Counter
+
+    try:
+        ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+        isas = Counter(str(m.isa) for m in ctx.values() if hasattr(m, "isa"))
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        return f"unknown ({type(e).__name__})"
+    if not isas:
+        return "unknown"
+    return next(iter(isas)) if len(isas) == 1 else ", ".join(f"{k} x{n}" for k, n in sorted(isas.items()))
+
+
+def run_engine(label: str, model: str, kw: dict, kv: dict | None, prompts, warm, args,
+               env: dict[str, str] | None = None) -> dict:
+    """One engine's workloads; ``env``: environment variables set while it runs (restored after)."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        return _run_engine(label, model, kw, kv, prompts, warm, args, env)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_engine(label: str, model: str, kw: dict, kv: dict | None, prompts, warm, args, env) -> dict:
     from vllm import LLM, SamplingParams
 
     from vllm_kvcompress.integration import step_costs
@@ -138,7 +176,9 @@ def run_engine(label: str, model: str, kw: dict, kv: dict | None, prompts, warm,
     t0 = time.time()
     llm = LLM(model, **kw, **({"additional_config": {"kv_compress": kv}} if kv else {}))
     threads, why = worker_threads(llm.llm_engine.vllm_config, args.threads)
-    print(f"[{label}] engine up in {time.time() - t0:.0f}s; {threads} OpenMP thread(s): {why}", flush=True)
+    pages = page_layout(llm)
+    print(f"[{label}] engine up in {time.time() - t0:.0f}s; {threads} OpenMP thread(s): {why}; "
+          f"attention pages: {pages}", flush=True)
     engine = llm.llm_engine
     inner = engine.step
 
@@ -148,7 +188,8 @@ def run_engine(label: str, model: str, kw: dict, kv: dict | None, prompts, warm,
 
     engine.step = step
     sched = llm.llm_engine.vllm_config.scheduler_config
-    out = {"label": label, "kv_compress": kv, "omp_threads": threads, "omp_threads_from": why,
+    out = {"label": label, "kv_compress": kv, "env": dict(env or {}), "pages": pages,
+           "omp_threads": threads, "omp_threads_from": why,
            "max_num_batched_tokens": sched.max_num_batched_tokens,
            "async_scheduling": bool(getattr(sched, "async_scheduling", False)), "workloads": {}}
     try:
@@ -183,17 +224,37 @@ def table(runs: list[dict], wl: str) -> tuple[list[str], list[list[str]]]:
     """Rows of one workload's table (its own kind of step), ms per step and / vanilla's step."""
     base = runs[0]["workloads"][wl]["per_kind"].get(wl)
     base_ms = 1000 * base["step"] / base["steps"] if base and base["steps"] else None
-    cols = ["run", "steps", "step ms"] + [c for c, _ in COLUMNS]
+    cols = ["run", "pages", "steps", "step ms"] + [c for c, _ in COLUMNS]
     rows = []
     for r in runs:
         k = r["workloads"][wl]["per_kind"].get(wl)
         if not k or not k["steps"]:
-            rows.append([r["label"], "0"] + ["n/a"] * (len(cols) - 2))
+            rows.append([r["label"], r.get("pages", "n/a"), "0"] + ["n/a"] * (len(cols) - 3))
             continue
         per = lambda key: 1000 * k[key] / k["steps"]  # noqa: E731
         cell = lambda ms: f"{ms:.2f} ({ms / base_ms:.2f})" if base_ms else f"{ms:.2f}"  # noqa: E731
-        rows.append([r["label"], str(k["steps"]), cell(per("step"))] + [cell(per(key)) for _, key in COLUMNS])
+        rows.append([r["label"], r.get("pages", "n/a"), str(k["steps"]), cell(per("step"))]
+                    + [cell(per(key)) for _, key in COLUMNS])
     return cols, rows
+
+
+def amx_ab_lines(runs: list[dict]) -> list[str]:
+    """What the ``--amx-ab`` pairs ran on: each policy's pages with VLLM_KVCOMPRESS_CPU_AMX=1 and =0."""
+    pairs: dict[str, dict[str, str]] = {}
+    for r in runs:
+        amx = (r.get("env") or {}).get(AMX_ENV)
+        if amx is not None:
+            pairs.setdefault(r["label"].rsplit(" ", 1)[0], {})[amx] = r.get("pages", "unknown")
+    out = []
+    for name, by in pairs.items():
+        note = ""
+        if by.get("1") == by.get("0") == "vec":
+            note = " (the same layout: vLLM picks no 'amx' pages on this CPU, so the switch changes nothing here)"
+        elif by.get("1") == by.get("0"):
+            note = " (the same layout: the switch changed nothing)"
+        out.append(f"{AMX_ENV} A/B of {name}: =1 on {by.get('1', 'n/a')} pages, =0 on {by.get('0', 'n/a')} pages"
+                   + note)
+    return out
 
 
 def render(cols, rows) -> str:
@@ -232,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=None,
                     help="OpenMP threads of the in-process engine (default: what vLLM's multiprocess worker gets)")
+    ap.add_argument("--amx-ab", action="store_true",
+                    help=f"run each policy with {AMX_ENV}=1 ('amx' pages where vLLM picks them) and then =0 ('vec' "
+                         "pages); on a CPU without AMX both use 'vec' (the pages column says so)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "docs" / "results" / "step_costs")
     args = ap.parse_args(argv)
     model = args.model or str(model_path())
@@ -261,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     if not van_plain:
         print("WARNING: vanilla's attention was not timed (is the plugin's CPU backend serving policy none?)")
     for p in args.policies:
-        runs.append(run_engine(f"{p} @{args.retention:g}", model, kw, kv_settings(p, args.retention), prompts, warm,
-                               args))
+        for amx in ("1", "0") if args.amx_ab else (None,):
+            runs.append(run_engine(f"{p} @{args.retention:g}" + (f" {AMX_ENV}={amx}" if amx else ""), model, kw,
+                                   kv_settings(p, args.retention), prompts, warm, args,
+                                   env={AMX_ENV: amx} if amx else None))
 
     text, md = [], []
     for wl, title in (("prefill", f"prefill-only ({args.num_prompts} x {args.prompt_tokens} tokens, 1 out): "
@@ -272,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         cols, rows = table(runs, wl)
         text += ["", f"{title}; ms per step (/ vanilla's step ms)", render(cols, rows)]
         md += ["", f"## {title}", "", "ms per step (/ vanilla's total step time)", "", *md_table(cols, rows)]
-    print("\n".join(text))
+    ab = amx_ab_lines(runs) if args.amx_ab else []
+    print("\n".join(text + ab))
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "machine": rec, "model": model, "engine_kwargs": kw,
@@ -289,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
          f"Machine: {machine.describe(rec)}.", "", *md[1:], "",
          "Columns: see `benchmarks/bench_step_costs.py`; *rest* = step time - the timed parts (model matmuls, "
          "sampling, scheduling, vLLM's own metadata build, Python). Share of `generate` wall time inside engine "
-         f"steps: {cov}.", "", "Command:", "", "```bash", command, "```", ""]), **dirs))
+         f"steps: {cov}.", *(["", *ab] if ab else []), "", "Command:", "", "```bash", command, "```", ""]), **dirs))
     print(f"\n{(time.time() - t_start) / 60:.1f} min; wrote {args.out_dir / 'step_costs.json'}, "
           f"{args.out_dir / 'step_costs.md'}")
     return 0

@@ -241,9 +241,11 @@ class Runner:
         return flags
 
     def throughput(self, label: str, extra: list[str], *, n: int, input_len: int, output_len: int,
-                   dataset_n: int | None = None) -> dict:
+                   dataset_n: int | None = None, env: dict[str, str] | None = None) -> dict:
         """One ``vllm bench throughput`` run on ``n`` prompts (the first ``n`` of the
-        ``dataset_n``-prompt file, vLLM's seeded shuffle applied)."""
+        ``dataset_n``-prompt file, vLLM's seeded shuffle applied); ``env``: extra environment
+        variables of this one subprocess (e.g. ``VLLM_KVCOMPRESS_CPU_AMX=0``: benchmarks/bench_ab.py),
+        recorded in the result's ``env`` and ``command``."""
         ds = self.dataset(dataset_n or n, input_len, output_len)
         self.count += 1
         tag = f"{self.count:02d}_" + re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
@@ -253,12 +255,14 @@ class Runner:
         cmd = [sys.executable, str(VLLM_SHIM), "bench", "throughput", "--model", str(model_path()),
                "--dataset-name", "custom", "--dataset-path", ds["path"], "--custom-output-len", str(output_len),
                "--num-prompts", str(n), *self.engine_flags(), "--output-json", str(out_json), *extra]
-        env = dict(os.environ, **self.env_extra(), **{STATS_ENV: str(stats_json)})
+        env_run = {**self.env_extra(), **(env or {})}
+        proc_env = dict(os.environ, **env_run, **{STATS_ENV: str(stats_json)})
         shown = " ".join(shlex.quote(c) for c in cmd)
-        print(f"[{label}] $ {STATS_ENV}={stats_json} {shown}", flush=True)
+        shown_env = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
+        print(f"[{label}] $ {shown_env}{STATS_ENV}={stats_json} {shown}", flush=True)
         t0 = time.time()
         with open(log, "w") as lf:
-            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=proc_env, start_new_session=True)
             sampler = SessionCPU(proc.pid)
             try:
                 rc = proc.wait(timeout=self.args.run_timeout)
@@ -290,8 +294,10 @@ class Runner:
             "mean_prompt_tokens": prompt_tokens / res["num_requests"] if prompt_tokens is not None else None,
             "exact_output_len": output_tokens == res["num_requests"] * output_len if output_tokens else None,
             "stats": stats, "log": str(log),
-            "command": (" ".join(f"{k}={v}" for k, v in self.env_extra().items()) + f" {STATS_ENV}=... {shown}").strip(),
+            "command": (" ".join(f"{k}={shlex.quote(v)}" for k, v in env_run.items()) + f" {STATS_ENV}=... {shown}").strip(),
         }
+        if env:
+            r["env"] = dict(env)
         r.update(self.memory_figures(stats))
         if r["block_size"] is None and m_bs:
             r["block_size"] = int(m_bs.group(1))

@@ -41,7 +41,7 @@ BACKEND_ENV = "VLLM_KVCOMPRESS_BACKEND"
 #: the fastest path vLLM has for the same layer, and the C++ kernels (decode attention +
 #: scores, window scores, compaction) read that packing; "0" moves them to "vec" pages,
 #: our dot-path kernels for every step (the escape hatch, and the other side of the A/B
-#: that ``python benchmarks/bench_throughput.py --ab`` runs on an AMX machine).
+#: that ``python benchmarks/bench_ab.py`` runs on an AMX machine).
 AMX_ENV = "VLLM_KVCOMPRESS_CPU_AMX"
 TRITON_BACKEND_PATH = "vllm_kvcompress.integration.attention_triton.KVCompressTritonBackend"
 TRITON_ON_CPU_PATH = "vllm_kvcompress.integration.attention_triton.KVCompressTritonOnCPUBackend"

@@ -55,7 +55,7 @@ FUSED_DECODE = os.environ.get("VLLM_KVCOMPRESS_FUSED_DECODE", "1") == "1"
 # docs/results/fused_prefill_ab). Not on vLLM's "amx" pages, where vLLM's AMX attention
 # is the fast one (unmeasured here: no AMX on our machines); "amx" also fuses there where
 # most queries vote (H2O: one pass instead of vLLM's AMX attention + a second scoring
-# pass), the other side of that A/B (benchmarks/bench_throughput.py --ab). Set 0 to compare.
+# pass), the other side of that A/B (benchmarks/bench_ab.py). Set 0 to compare.
 _FUSED_PREFILL_ENV = os.environ.get("VLLM_KVCOMPRESS_FUSED_PREFILL", "1").strip() or "1"
 if _FUSED_PREFILL_ENV not in ("0", "1", "amx"):
     raise ValueError(f"VLLM_KVCOMPRESS_FUSED_PREFILL={_FUSED_PREFILL_ENV!r}: expected 0, 1 or amx")
