@@ -497,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = dict(
         # the command that reproduces the whole result in one go (--resume only changes how it was reached)
         command=shlex.join(["python", "-m", "vllm_kvcompress.eval", "quality", *(a for a in argv if a != "--resume")]),
-        date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), commit=_commit(),
         machine=f"{os.cpu_count()} CPU cores ({platform.machine()}), vLLM CPU build",
         model=MODEL_NAME, seed=args.seed, runtime_s=0.0,
         policies=list(args.policies), retentions=list(args.retentions), lengths=list(args.lengths),
@@ -537,6 +537,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = save(runs, final=True)
     print(f"\nwrote {', '.join(str(p) for p in paths)} in {(time.perf_counter() - t0) / 60:.1f} min")
     return 0
+
+
+def _commit() -> str | None:
+    """The code's git commit (``-dirty`` with uncommitted changes), None outside a checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def setup_notes(args) -> list[str]:

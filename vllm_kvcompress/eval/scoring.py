@@ -18,6 +18,14 @@ def score_multikey(output: str, value: str) -> bool:
     return m is not None and m.group(0) == value
 
 
+def runs_on(output: str, value: str) -> bool:
+    """The first number in the output is the queried value with more digits after it: the
+    fact was retrieved (not the distractor's) but the answer did not stop. Counted apart,
+    never as correct: a diagnostic of which way a multi-key / distractor answer failed."""
+    m = re.search(r"\d+", output)
+    return m is not None and m.group(0) != value and m.group(0).startswith(value)
+
+
 def perplexity(nll_sum: float, count: int) -> float:
     return math.exp(nll_sum / count) if count else float("nan")
 
