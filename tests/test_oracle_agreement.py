@@ -43,6 +43,26 @@ def _worker_layers(llm):
     return {name: mod for name, mod in ctx.items() if hasattr(mod, "impl")}
 
 
+def _retained_positions(llm, req, prompt_len: int, rule: dict) -> dict:
+    """layer index -> [H, count] true positions a running request's layers retain now (the
+    scheduler's pages and count under ``rule``, the config's ``retention_args``)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    kvm = scheduler_of(llm).kv_cache_manager
+    managers = kvm.coordinator.single_type_managers
+    layers = _worker_layers(llm)
+    c = req.num_computed_tokens
+    ours = {}
+    for m, group in zip(managers, kvm.kv_cache_config.kv_cache_groups):
+        budget = m.budget(prompt_len)
+        start = paging.window_start(c, budget, m.interval, m.block_size, **rule)
+        live = [b.block_id for b in m.req_to_blocks[req.request_id]][start:]
+        count = retained_count(c, budget, m.interval, **rule)
+        for name in group.layer_names:
+            ours[extract_layer_index(name)] = layers[name].impl.retained_positions(live, count)
+    return ours
+
+
 @pytest.mark.parametrize("kv", [{"policy": "h2o", "budget": 256}, {"policy": "pyramid", "budget": 256},
                                 {"policy": "snapkv", "budget": 256},
                                 {"policy": "pyramid", "budget": 256, "prefill_drop": True},
@@ -63,12 +83,7 @@ def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypa
     try:
         eng = llm.llm_engine
         sched = scheduler_of(llm)
-        kvm = sched.kv_cache_manager
-        groups = kvm.kv_cache_config.kv_cache_groups
-        managers = kvm.coordinator.single_type_managers
-        layers = _worker_layers(llm)
-        from vllm.model_executor.models.utils import extract_layer_index
-
+        managers = sched.kv_cache_manager.coordinator.single_type_managers
         pairs = exact = differ = total = pages = 0
         for i, ids in enumerate(prompt_ids):
             rid = f"oracle-{i}"
@@ -76,17 +91,8 @@ def test_vllm_matches_dense_oracle(kv, model_dir, hf_model, prompt_ids, monkeypa
                             SamplingParams(temperature=0.0, max_tokens=N_OUT, ignore_eos=True))
             eng.step()  # the whole prompt is one prefill chunk
             req = next(r for k, r in sched.requests.items() if k.startswith(rid))
-            c = req.num_computed_tokens
-            assert c == len(ids)
-            ours = {}
-            for g, group in enumerate(groups):
-                m = managers[g]
-                budget = m.budget(len(ids))
-                start = paging.window_start(c, budget, m.interval, m.block_size)
-                live = [b.block_id for b in m.req_to_blocks[req.request_id]][start:]
-                count = retained_count(c, budget, m.interval)
-                for name in group.layer_names:
-                    ours[extract_layer_index(name)] = layers[name].impl.retained_positions(live, count)
+            assert req.num_computed_tokens == len(ids)
+            ours = _retained_positions(llm, req, len(ids), cfg.retention_args(len(ids)))
             out = []
             grow = cfg.grow_from(len(ids))
             while eng.has_unfinished_requests():
@@ -273,7 +279,6 @@ def test_chunked_prompt_matches_oracle(kv, model_dir, hf_model, prompt_ids, monk
     chunks."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm.model_executor.models.utils import extract_layer_index
 
     monkeypatch.setenv("VLLM_KVCOMPRESS_TRACK_POSITIONS", "1")
     chunk, n_out = 512, 32
@@ -286,10 +291,7 @@ def test_chunked_prompt_matches_oracle(kv, model_dir, hf_model, prompt_ids, monk
     try:
         eng = llm.llm_engine
         sched = scheduler_of(llm)
-        kvm = sched.kv_cache_manager
-        groups = kvm.kv_cache_config.kv_cache_groups
-        managers = kvm.coordinator.single_type_managers
-        layers = _worker_layers(llm)
+        managers = sched.kv_cache_manager.coordinator.single_type_managers
         rule = cfg.retention_args(len(ids))
         eng.add_request("chunked", TokensPrompt(prompt_token_ids=ids),
                         SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True))
@@ -306,16 +308,7 @@ def test_chunked_prompt_matches_oracle(kv, model_dir, hf_model, prompt_ids, monk
                             for m in managers], before
             held_in_prefill.append(held)
         assert len(held_in_prefill) == -(-len(ids) // chunk)
-        c = req.num_computed_tokens
-        ours = {}
-        for g, group in enumerate(groups):
-            m = managers[g]
-            budget = m.budget(len(ids))
-            start = paging.window_start(c, budget, m.interval, m.block_size, **rule)
-            live = [b.block_id for b in m.req_to_blocks[req.request_id]][start:]
-            count = retained_count(c, budget, m.interval, **rule)
-            for name in group.layer_names:
-                ours[extract_layer_index(name)] = layers[name].impl.retained_positions(live, count)
+        ours = _retained_positions(llm, req, len(ids), rule)
         out = []
         while eng.has_unfinished_requests():
             for o in eng.step():

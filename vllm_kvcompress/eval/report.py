@@ -94,22 +94,14 @@ def check_targets(result: dict) -> list[dict]:
     return out
 
 
-def _ppl_cell(run: dict, full: dict | None) -> str:
+def _ppl_cell(run: dict, full: dict | None, key: str = "ppl") -> str:
+    """Perplexity (``key`` "ppl", or "ppl_tail": the 2nd half) and its change vs the full cache."""
     if "ppl" not in run:
         return "n/a"
-    v = run["ppl"]["ppl"]
+    v = run["ppl"][key]
     if full is None or run is full or "ppl" not in full:
         return f"{v:.3f}"
-    return f"{v:.3f} ({100 * (v / full['ppl']['ppl'] - 1):+.1f}%)"
-
-
-def _ppl_tail_cell(run: dict, full: dict | None) -> str:
-    if "ppl" not in run:
-        return "n/a"
-    v = run["ppl"]["ppl_tail"]
-    if full is None or run is full or "ppl" not in full:
-        return f"{v:.3f}"
-    return f"{v:.3f} ({100 * (v / full['ppl']['ppl_tail'] - 1):+.1f}%)"
+    return f"{v:.3f} ({100 * (v / full['ppl'][key] - 1):+.1f}%)"
 
 
 def _runs_on_note(run: dict, task: str) -> str:
@@ -158,7 +150,7 @@ def write_markdown(result: dict, path: Path, plots: Sequence[str] = ()) -> Path:
         cells = []
         for t in present:
             if t == "ppl":
-                cells += [_ppl_cell(r, full), _ppl_tail_cell(r, full)]
+                cells += [_ppl_cell(r, full), _ppl_cell(r, full, "ppl_tail")]
             elif t == "summary":
                 cells.append(_summary_cell(r))
             else:
