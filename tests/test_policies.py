@@ -324,7 +324,7 @@ def test_pyramid_pooling_keeps_spans():
     assert kept.tolist() == [[1, 4, 8]]  # the reference ranks single tokens
     kept, _ = compress_step(PyramidInferPolicy(sinks=0, recent_window=0, kernel=3), acc, 3, 3)
     assert kept.tolist() == [[3, 4, 5]]  # max-pooled: the span around the peak (ties -> newest)
-    assert get_policy(KVCompressConfig(policy="pyramid", budget=0.2)).kernel == 13
+    assert get_policy(KVCompressConfig(policy="pyramid", budget=0.2)).kernel == 21
     assert get_policy(KVCompressConfig(policy="pyramid", budget=0.2, pyramid_kernel=1)).kernel == 1
     # slots past the valid length never leak into pooled scores
     pol = PyramidInferPolicy(kernel=3)
@@ -336,17 +336,17 @@ def test_registry_and_defaults():
     assert isinstance(get_policy(KVCompressConfig()), NoPolicy)
     h = get_policy(KVCompressConfig(policy="h2o", budget=0.2))
     assert isinstance(h, H2OPolicy) and h.sinks_recent(100) == (0, 50) and h.sinks_recent(101) == (0, 50)
-    assert not h.resets_scores and (h.window, h.window_weight, h.kernel) == (32, 1.0, 13)
+    assert not h.resets_scores and (h.window, h.window_weight, h.kernel) == (32, 1.0, 21)
     p = get_policy(KVCompressConfig(policy="pyramid", budget=0.2))
     assert isinstance(p, PyramidInferPolicy) and p.sinks_recent(100) == (4, 32) and p.resets_scores
-    assert (p.obs_window, p.kernel) == (32, 13)
+    assert (p.obs_window, p.kernel) == (32, 21)
     p = get_policy(KVCompressConfig(policy="pyramid", budget=0.2, pyramid_window=0, obs_window_ratio=0.25,
                                     reset_scores=False))
     assert p.sinks_recent(100) == (4, 25) and p.sinks_recent(100, 400) == (4, 100) and not p.resets_scores
     s = get_policy(KVCompressConfig(policy="snapkv", budget=0.2, snapkv_window=16, snapkv_kernel=7, snapkv_pooling="max"))
     assert isinstance(s, SnapKVPolicy) and (s.window, s.kernel, s.pooling) == (16, 7, "max")
     assert s.sinks_recent(100) == (0, 16) and s.resets_scores
-    assert get_policy(KVCompressConfig(policy="snapkv", budget=0.2)).kernel == 13
+    assert get_policy(KVCompressConfig(policy="snapkv", budget=0.2)).kernel == 21
     h = get_policy(KVCompressConfig(policy="h2o", budget=0.2, h2o_window=8, h2o_window_weight=0, h2o_kernel=5))
     assert (h.window, h.window_weight, h.kernel) == (8, 0.0, 5)
     st = get_policy(KVCompressConfig(policy="streaming", budget=0.2))

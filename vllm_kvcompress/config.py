@@ -129,11 +129,11 @@ class KVCompressConfig:
     #: pyramid policy: max-pool the scores along keys with this odd kernel before the top-k, so
     #: multi-token spans (numbers are one token per digit) survive together; 1 = the reference's
     #: per-token scores (see docs/policies.md for the measurement behind the default)
-    pyramid_kernel: int = 13
+    pyramid_kernel: int = 21
     #: snapkv policy: observation window (queries scored in prefill; protected recent tokens) (reference 32)
     snapkv_window: int = 32
     #: snapkv policy: pooling kernel along keys, odd (the SnapKV authors' LongBench configs: 7)
-    snapkv_kernel: int = 13
+    snapkv_kernel: int = 21
     #: snapkv policy: "max" (max_pool1d, the SnapKV authors' LongBench configs) or "avg" (``init_snapkv``'s default)
     snapkv_pooling: str = "max"
     #: pyramid policy: in a prompt's prefill, drop the hidden states of the tokens a layer does
@@ -150,7 +150,7 @@ class KVCompressConfig:
     #: h2o policy: the question window's extra vote as a multiple of the rest of the prompt's (0 = reference H2O)
     h2o_window_weight: float = 1.0
     #: h2o policy: max-pool kernel of the scores along keys, odd (1 = the reference's per-token ranking)
-    h2o_kernel: int = 13
+    h2o_kernel: int = 21
     #: false: a layer never evicts once its prompt is computed: it keeps the prompt's compressed
     #: cache plus every generated token, so a request's pages grow by one token per layer per
     #: generated token (the SnapKV reference; see docs/policies.md). true: generated tokens are
