@@ -118,6 +118,15 @@ TARGETS = (
     {"phase": "prefill", "kind": "retention", "policies": ("pyramid",), "retention": None, "op": "<=", "goal": 1.10},
     {"phase": "prefill", "kind": "retention", "policies": ("h2o",), "retention": None, "op": "<=", "goal": 1.25},
 )
+#: issue #29's target on vLLM's shared-prefix data (``--dataset prefix_repetition``): compressed
+#: requests with vLLM's prefix cache on, against vanilla with its prefix cache on
+PREFIX_TARGETS = (
+    {"phase": "full", "kind": "retention", "policies": ("pyramid", "h2o"), "retention": 0.25, "op": ">=", "goal": 1.0},
+)
+PREFIX_VARIANTS = ("pyramid@0.25", "h2o@0.25")
+#: ``--dataset prefix_repetition``: vLLM's own shared-prefix data, the issue's shape (4 prefixes of
+#: 4/5 of the prompt, the rest unique per prompt)
+PREFIX_SHARE, PREFIX_COUNT = 0.8, 4
 PHASES = {
     "full": {"title": "Full runs: requests/s / the adjacent vanilla runs'", "metric": "requests/s vs vanilla",
              "higher_better": True},
@@ -319,17 +328,17 @@ def summarize(ratios: list[dict], n_variants: int, rounds: int) -> list[dict]:
     return out
 
 
-def target_for(v: Variant, phase: str) -> dict | None:
-    for t in TARGETS:
+def target_for(v: Variant, phase: str, targets=TARGETS) -> dict | None:
+    for t in targets:
         if (t["phase"] == phase and t["kind"] == v.kind and v.policy in t["policies"]
                 and (t["retention"] is None or (v.retention is not None and abs(v.retention - t["retention"]) < 1e-9))):
             return t
     return None
 
 
-def verdict(v: Variant, phase: str, median: float | None) -> dict | None:
-    """Pass/fail of a variant's median against its issue #28 target (None: no target)."""
-    t = target_for(v, phase)
+def verdict(v: Variant, phase: str, median: float | None, targets=TARGETS) -> dict | None:
+    """Pass/fail of a variant's median against its issue #28 (or #29) target (None: no target)."""
+    t = target_for(v, phase, targets)
     if t is None:
         return None
     ok = median is not None and (median >= t["goal"] if t["op"] == ">=" else median <= t["goal"])
@@ -374,15 +383,25 @@ def phase_rows(result: dict, phase: str) -> tuple[list[str], list[list[str]]]:
     ph = result["phases"][phase]
     rounds = ph["rounds"]
     cols = ["variant", "pages", *(f"r{r + 1}" for r in range(rounds)), "median", "min-max",
-            "preempted (variant / vanilla)", "target", "result"]
+            "preempted (variant / vanilla)", "peak running (variant / vanilla)",
+            "prefix-cache hits (variant / vanilla)", "target", "result"]
+
+    def stat(k, key, fmt_):
+        xs = [e["run"].get("stats", {}).get(key) for e in ph["runs"] if e["variant"] == k and e.get("run")]
+        if all(x is None for x in xs):
+            return "-"
+        return ",".join("n/a" if x is None else format(x, fmt_) for x in xs)
+
     rows = []
-    for s in ph["summary"]:
+    for k, s in enumerate(ph["summary"]):
         v = result["variants"][s["index"]]
         ver = s.get("verdict")
         rows.append([v["spec"] + (f" (budget {v['budget_flag']})" if v.get("budget_flag") and v["budget"] == "none" else ""),
                      v.get("compressed_pages") or "n/a", *(fx(x) for x in s["ratios"]), fx(s["median"]),
                      f"{fx(s['min'])}-{fx(s['max'])}" if s["min"] is not None else "n/a",
                      f"{_preempt(s['preemptions'])} / {_preempt(s['vanilla_preemptions'])}",
+                     f"{stat(k, 'peak_running_reqs', 'd')} / {stat(None, 'peak_running_reqs', 'd')}",
+                     f"{stat(k, 'prefix_cache_hit_rate', '.0%')} / {stat(None, 'prefix_cache_hit_rate', '.0%')}",
                      ver["target"] if ver else "-", ("PASS" if ver["pass"] else "FAIL") if ver else "-"])
     return cols, rows
 
@@ -436,7 +455,8 @@ def phase_text(result: dict, phase: str, md: bool = False) -> list[str]:
 def render_md(result: dict) -> str:
     info = result["machine"]
     why = result["not_issue_settings"]
-    title = "# Interleaved A/B vs vanilla vLLM (issue #28)"
+    title = ("# Interleaved A/B vs vanilla vLLM, shared prefixes, prefix cache on (issue #29)"
+             if result["config"].get("dataset") == "prefix_repetition" else "# Interleaved A/B vs vanilla vLLM (issue #28)")
     if result.get("partial"):
         title += " — PARTIAL (run in progress or interrupted)"
     if result.get("quick"):
@@ -489,14 +509,14 @@ def targets_of(result: dict) -> list[dict]:
 # --------------------------------------------------------------------------- running
 
 def phase_result(variants: list[Variant], entries: list[dict], rounds: int, phase: str, idx_map: list[int],
-                 settings: dict) -> dict:
+                 settings: dict, targets=TARGETS) -> dict:
     """Ratios, per-variant summary and verdicts of one phase (``idx_map``: phase index -> variant index)."""
     key = "requests_per_s" if phase == "full" else "seconds_per_prompt"
     ratios = adjacent_ratios(entries, lambda r: r.get(key))
     summ = summarize(ratios, len(idx_map), rounds)
     for k, s in enumerate(summ):
         s["index"] = idx_map[k]
-        s["verdict"] = verdict(variants[idx_map[k]], phase, s["median"])
+        s["verdict"] = verdict(variants[idx_map[k]], phase, s["median"], targets)
     sub = [variants[i] for i in idx_map]
     return {"settings": settings, "rounds": rounds, "value_key": key, "runs": entries, "ratios": ratios,
             "summary": summ, "env_vs_default": env_vs_default(sub, summ)}
@@ -515,7 +535,8 @@ def run_phase(runner: Runner, variants: list[Variant], idx_map: list[int], round
         e = {"variant": i, "round": r, "label": label, "run": None}
         try:
             res = runner.throughput(label, [] if v is None else flags_of[v], n=n, input_len=args.input_len,
-                                    output_len=out_len, dataset_n=args.num_prompts, env=dict(v.env) if v else None)
+                                    output_len=out_len, dataset_n=args.num_prompts, env=dict(v.env) if v else None,
+                                    dataset_flags=dataset_flags(args, out_len))
             res["seconds_per_prompt"] = res["elapsed_s"] / res["num_prompts"]
             e["run"] = res
         except RuntimeError as ex:  # one failed run: its ratios are n/a, the sitting goes on
@@ -524,6 +545,16 @@ def run_phase(runner: Runner, variants: list[Variant], idx_map: list[int], round
         entries.append(e)
         on_run(phase, entries)
     return entries
+
+
+def dataset_flags(args, output_len: int) -> list[str] | None:
+    """``vllm bench throughput`` flags of ``--dataset`` (None: the essay prompts of bench_throughput)."""
+    if args.dataset != "prefix_repetition":
+        return None
+    prefix = int(args.input_len * PREFIX_SHARE)
+    return ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(prefix),
+            "--prefix-repetition-suffix-len", str(args.input_len - prefix),
+            "--prefix-repetition-num-prefixes", str(PREFIX_COUNT), "--prefix-repetition-output-len", str(output_len)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -554,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", type=Path, default=None, help="logs, prompts, raw JSON (default: a new temp dir)")
     ap.add_argument("--cpu-bind", default=None, metavar="CORES", help="VLLM_CPU_OMP_THREADS_BIND of every engine")
     ap.add_argument("--run-timeout", type=float, default=3600.0, help="seconds per subprocess")
+    ap.add_argument("--dataset", default="essays", choices=("essays", "prefix_repetition"),
+                    help="essays: bench_throughput's essay prompts (issue #28); prefix_repetition: vLLM's "
+                         f"shared-prefix data, {PREFIX_COUNT} prefixes of {PREFIX_SHARE:.0%} of --input-len, "
+                         "vanilla and every variant with vLLM's prefix cache on (issue #29; no prefill-only runs)")
     args = ap.parse_args(argv)
     q = args.quick
     for k, v in {"rounds": 1 if q else 2, "num_prompts": 4 if q else 24, "input_len": 512 if q else 1920,
@@ -585,11 +620,13 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype, args.dtype_reason = machine.choose_dtype(args.dtype, model_path())
     info = machine_info(args)
     isa = policy_isa(info, args.block_size)
+    prefix_data = args.dataset == "prefix_repetition"
+    targets = PREFIX_TARGETS if prefix_data else TARGETS
     if variants is None:
-        variants = parse_variants(default_variants(isa, q))
+        variants = parse_variants(PREFIX_VARIANTS if prefix_data else default_variants(isa, q))
     if pre_variants is None:
         pre_variants = [v for v in variants if v.kind == "retention"]
-    if args.prefill_prompts == 0:
+    if args.prefill_prompts == 0 or prefix_data:
         pre_variants = []
     # the prefill-only variants are indexed into one list with the full runs' (one record per variant)
     all_variants = variants + [v for v in pre_variants if v not in variants]
@@ -615,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     print("variants:")
     for v in all_variants:
         pages = compressed_pages(isa, {**base_env, **dict(v.env)})
-        t_full, t_pre = target_for(v, "full"), target_for(v, "prefill")
+        t_full, t_pre = target_for(v, "full", targets), target_for(v, "prefill", targets)
         print(f"  {v.spec}: {' '.join(flags_of[v])}; compressed layers on {pages} pages"
               + (f"; target {t_full['op']} {t_full['goal']:.2f}x req/s" if t_full and v in variants else "")
               + (f"; prefill cost {t_pre['op']} {t_pre['goal']:.2f}x" if t_pre and v in pre_variants else ""))
@@ -659,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_run(phase: str, entries: list[dict]) -> None:
         result["phases"][phase] = phase_result(all_variants, entries, args.rounds, phase, idx_of[phase],
-                                               settings[phase])
+                                               settings[phase], targets)
         write(partial=True)
 
     try:
@@ -676,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     for phase in ("full", "prefill"):
         if result["phases"].get(phase):
             print("\n".join(phase_text(result, phase)) + "\n")
-    print("Targets (issue #28)" + (f" — not the issue's settings: {'; '.join(why)}" if why else "") + ":")
+    print(f"Targets (issue {'#29' if prefix_data else '#28'})" + (f" — not the issue's settings: {'; '.join(why)}" if why else "") + ":")
     for t in result["targets"]:
         print(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['variant']}: {t['metric']} {fx(t['value'])} "
               f"(target {t['target']})")

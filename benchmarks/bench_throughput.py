@@ -241,20 +241,23 @@ class Runner:
         return flags
 
     def throughput(self, label: str, extra: list[str], *, n: int, input_len: int, output_len: int,
-                   dataset_n: int | None = None, env: dict[str, str] | None = None) -> dict:
+                   dataset_n: int | None = None, env: dict[str, str] | None = None,
+                   dataset_flags: list[str] | None = None) -> dict:
         """One ``vllm bench throughput`` run on ``n`` prompts (the first ``n`` of the
         ``dataset_n``-prompt file, vLLM's seeded shuffle applied); ``env``: extra environment
         variables of this one subprocess (e.g. ``VLLM_KVCOMPRESS_CPU_AMX=0``: benchmarks/bench_ab.py),
         recorded in the result's ``env`` and ``command``."""
-        ds = self.dataset(dataset_n or n, input_len, output_len)
         self.count += 1
         tag = f"{self.count:02d}_" + re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
         out_json = self.workdir / f"{tag}.json"
         stats_json = self.workdir / f"{tag}.stats.json"
         log = self.workdir / f"{tag}.log"
+        if dataset_flags is None:  # the essay prompts (dataset_flags: another of vllm bench's datasets)
+            ds = self.dataset(dataset_n or n, input_len, output_len)
+            dataset_flags = ["--dataset-name", "custom", "--dataset-path", ds["path"],
+                             "--custom-output-len", str(output_len)]
         cmd = [sys.executable, str(VLLM_SHIM), "bench", "throughput", "--model", str(model_path()),
-               "--dataset-name", "custom", "--dataset-path", ds["path"], "--custom-output-len", str(output_len),
-               "--num-prompts", str(n), *self.engine_flags(), "--output-json", str(out_json), *extra]
+               *dataset_flags, "--num-prompts", str(n), *self.engine_flags(), "--output-json", str(out_json), *extra]
         env_run = {**self.env_extra(), **(env or {})}
         proc_env = dict(os.environ, **env_run, **{STATS_ENV: str(stats_json)})
         shown = " ".join(shlex.quote(c) for c in cmd)
@@ -303,6 +306,7 @@ class Runner:
             r["block_size"] = int(m_bs.group(1))
         print(f"[{label}] {r['requests_per_s']:.3f} req/s, {fmt(r['output_tokens_per_s'], '.1f')} out tok/s, "
               f"peak running {fmt(r['peak_running'], 'd')}, pages/req {fmt(r['pages_per_req'], '.1f')}, "
+              f"prefix-cache hits {fmt(stats.get('prefix_cache_hit_rate'), '.0%')}, "
               f"{elapsed:.0f}s timed, {wall:.0f}s wall, {cpu:.0f} CPU-s", flush=True)
         return r
 

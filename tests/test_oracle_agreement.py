@@ -324,5 +324,23 @@ def test_chunked_prompt_matches_oracle(kv, model_dir, hf_model, prompt_ids, monk
               "oracle's positions")
         assert exact >= 0.95 * pairs
         assert out == want_tokens[:n_out]
+        if cfg.shares_prefix_cache and cfg.policy != "h2o":
+            # the same prompt again hits the pages the first run cached (copy on hit, issue #29;
+            # H2O's cached prefix votes are not recomputed: docs/serving.md): same positions, same tokens
+            eng.add_request("again", TokensPrompt(prompt_token_ids=ids),
+                            SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True))
+            again = next(r for k, r in sched.requests.items() if k.startswith("again"))
+            while again.num_computed_tokens < len(ids):
+                eng.step()
+            assert again.num_cached_tokens >= len(ids) - chunk, again.num_cached_tokens
+            ours = _retained_positions(llm, again, len(ids), rule)
+            exact = sum(int(all(set(ours[layer][h].tolist()) == set(want[h].tolist()) for h in range(want.shape[0])))
+                        for layer, want in enumerate(want_kept))
+            assert exact >= 0.95 * pairs, f"{exact}/{pairs} layers keep the oracle's positions after a hit"
+            while eng.has_unfinished_requests():
+                for o in eng.step():
+                    if o.finished:
+                        out = list(o.outputs[0].token_ids)
+            assert out == want_tokens[:n_out]
     finally:
         close_llm(llm)

@@ -120,9 +120,11 @@ def scenarios(draw):
     shared = draw(st.lists(st.integers(0, 999), min_size=300, max_size=300))  # a common prompt prefix
     reqs = []
     for i in range(n_req):
-        P = draw(st.one_of(st.integers(1, 40), st.integers(1, 400), st.sampled_from([bs, 2 * bs, 3 * bs + 1])))
+        P = draw(st.one_of(st.integers(1, 40), st.integers(1, 400), st.sampled_from([bs, 2 * bs, 3 * bs + 1]),
+                           st.integers(100, 300)))
         T = draw(st.one_of(st.integers(1, 8), st.integers(1, 150)))
-        prefix = draw(st.sampled_from([0, P // 2, P, min(P, 2 * bs)]))
+        # P - 40: a hit that leaves the voting window (32 queries) to the request
+        prefix = draw(st.sampled_from([0, P // 2, P, min(P, 2 * bs), max(P - 40, 0)]))
         tail_seed = draw(st.integers(0, 999))
         prompt = shared[:prefix] + [(tail_seed + 31 * k) % 1000 for k in range(P - prefix)]
         kvb = None
@@ -253,6 +255,13 @@ def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
                 assert len(blocks) == cdiv(c + n, bs), ctx
                 assert all(b.is_null for b in blocks[:S]) and not any(b.is_null for b in blocks[S:]), ctx
                 held_ids.update(b.block_id for b in blocks[S:])
+                if c + n >= P and P + r["max_tokens"] > B:
+                    # its prompt is compacted: every page its window writes is its own and uncached
+                    # (copy on hit; cached pages handed to a copy before the compaction)
+                    S_after = paging.window_start(c + n, B, interval, bs, **rule)
+                    mine = [b for b in blocks[S_after:] if not b.is_null]
+                    assert all(b.ref_cnt == 1 and b.block_hash is None for b in mine), (
+                        ctx + f" refs={[b.ref_cnt for b in mine]} hashed={[b.block_hash is not None for b in mine]}")
         free = kvm.block_pool.get_num_free_blocks()
         assert free + len(held_ids) == num_blocks - 1, f"step {step}: {free} free + {len(held_ids)} held"
 

@@ -177,6 +177,36 @@ def test_bad_request_budget_is_a_400(client, bad):
     assert "Paris" in _chat(client).choices[0].message.content  # and the server is fine
 
 
+# ---------------------------------------------------------------- prefix caching (issue #29)
+def _prefix_hits(port=PORT) -> tuple[float, float]:
+    s = demo.read_metrics(port)
+    total = lambda name: sum(v for k, v in s.items() if k.split("{")[0] in (name, name + "_total"))  # noqa: E731
+    return total("vllm:prefix_cache_hits"), total("vllm:prefix_cache_queries")
+
+
+def test_second_chat_turn_hits_the_prefix_cache(client, long_prompt):
+    """Turn 2 of a conversation starts with turn 1's prompt: a compressed request reuses its
+    cached pages (docs/serving.md, prefix caching), as vLLM's own metrics show."""
+    system = {"role": "system", "content": "Answer from this document.\n\n" + long_prompt[:6000]}
+    q1 = {"role": "user", "content": "Who wrote the document? Answer in one sentence."}
+    _settle()
+    h0, q0 = _prefix_hits()
+    r1 = client.chat.completions.create(model=MODEL, temperature=0.0, max_tokens=24, messages=[system, q1])
+    _settle()
+    h1, qq1 = _prefix_hits()
+    turn1 = r1.usage.prompt_tokens
+    assert turn1 > 1200 and qq1 - q0 >= turn1
+    answer = {"role": "assistant", "content": r1.choices[0].message.content}
+    q2 = {"role": "user", "content": "And what is its main point?"}
+    r2 = client.chat.completions.create(model=MODEL, temperature=0.0, max_tokens=24,
+                                        messages=[system, q1, answer, q2])
+    _settle()
+    h2, _ = _prefix_hits()
+    cached = getattr(r2.usage.prompt_tokens_details, "cached_tokens", None) if r2.usage.prompt_tokens_details else None
+    assert h2 - h1 >= turn1 - 256, (h0, h1, h2, turn1, cached)  # turn 1's prompt, whole pages
+    assert r2.choices[0].message.content
+
+
 # ---------------------------------------------------------------- metrics
 def test_metrics_show_compression(client, long_prompt):
     stream = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=48, temperature=0.0,

@@ -303,6 +303,14 @@ class KVCompressConfig:
         return dict(grow_from=self.grow_from(prompt_len), hold_until=self.hold_until(prompt_len))
 
     @property
+    def shares_prefix_cache(self) -> bool:
+        """Whether requests that evict may take part in vLLM's prefix cache (``integration.kv_manager``):
+        their prompt is compacted once, after its last chunk, so the pages before the compacted
+        window are never rewritten. Per-chunk compaction rewrites pages while the prompt is still
+        being prefilled, and ``prefill_drop`` leaves deeper layers' pages partly unwritten."""
+        return self.prompt_compaction == "once" and not self.prefill_drop
+
+    @property
     def budget_is_fraction(self) -> bool:
         return 0 < self.budget < 1
 

@@ -19,7 +19,10 @@ module                 vLLM symbol it patches / registers
                        (hooks on the decoder layers for ``--kv-prefill-drop``)
 ``schedule``           ``Scheduler.schedule`` (evicted pages freed before the
                        step allocates; prompts kept whole under prefill_drop)
-``prefix_cache``       ``KVCacheManager.prefix_cache_lookup_enabled``
+``prefix_cache``       ``KVCacheManager.prefix_cache_lookup_enabled``,
+                       ``KVCacheManager.get_computed_blocks``
+``block_copies``       ``KVCacheManager.take_kv_cache_block_copies``,
+                       ``gpu_model_runner.copy_kv_cache_blocks_inplace``
 ``request_budget``     ``InputProcessor._validate_params``,
                        ``Scheduler.add_request``, ``Scheduler._free_blocks``
 ``metrics``            ``Scheduler.make_stats``, ``Scheduler.shutdown``,
@@ -54,6 +57,7 @@ def apply_all() -> None:
     version.check()  # before importing anything that touches vLLM internals
     from vllm_kvcompress.integration import (
         attention_backend,
+        block_copies,
         cli_args,
         free_order,
         kv_spec,
@@ -66,6 +70,6 @@ def apply_all() -> None:
         schedule,
     )
 
-    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, prefill_drop, prefix_cache, free_order,
-                request_budget, schedule, metrics):
+    for mod in (cli_args, platform_config, kv_spec, model_runner, attention_backend, prefill_drop, prefix_cache,
+                block_copies, free_order, request_budget, schedule, metrics):
         mod.apply()

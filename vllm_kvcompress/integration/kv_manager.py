@@ -11,11 +11,28 @@ the most pages a request of this group can ever hold.
 With ``decode_evict: false`` a request's layers grow past the prompt
 (``grow_from``), so there is no admission cap: vLLM counts its tokens as usual.
 
-Prefix caching: a request that can never outgrow this group's budget (prompt +
-``max_tokens`` <= budget) is never compacted, so its pages hold exactly what
-vanilla vLLM's would and are cached and shared as usual; pages of a request
-that may evict are rewritten in place by compaction and are never cached
-(``cache_blocks``) nor looked up (``integration.prefix_cache``).
+Prefix caching (``docs/serving.md``): a request that can never outgrow this group's
+budget (prompt + ``max_tokens`` <= budget) is never compacted, so its pages hold
+exactly what vanilla vLLM's would and are cached and shared as usual. A request
+that may evict (with ``prompt_compaction: once``, without ``prefill_drop``:
+``KVCompressConfig.shares_prefix_cache``) takes part too, without ever writing a
+page another request may read:
+
+* **copy on hit**: the cached pages its prompt starts with are copied into pages
+  of its own before its first step (vLLM's copy-on-write transport,
+  ``_apply_cow``; the workers zero the copies' scores, ``block_copies``), so its
+  compaction rewrites only its own pages and its scores never mix with another
+  request's;
+* **cached prompt pages stay intact**: it caches its full prompt pages as vanilla
+  does; at the step that compacts its prompt, every cached page its compacted
+  window will rewrite hands its cache entry to a fresh page that the workers fill
+  with the page's content inside each layer, after the step's keys are written
+  and before compaction (``save_copies``, ``block_copies``). Pages before the
+  window are never written again. Generated tokens live in the window, so pages
+  past the prompt are never cached.
+
+Pages cached during the current step are not yet written when the step's copies
+run, so a hit stops before them (``fresh``; ``prefix_cache``).
 """
 
 from __future__ import annotations
@@ -25,11 +42,17 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_kvcompress import paging
+from vllm_kvcompress.integration.prefix_cache import LOOKUP_HITS
+from vllm_kvcompress.policies import get_policy
 from vllm_kvcompress.policies.schedule import max_slots
 
 #: request id -> the request's own ``kv_budget`` (filled by ``integration.request_budget``
 #: when the scheduler admits a request, dropped when it is freed for good)
 REQUEST_BUDGETS: dict[str, float | int] = {}
+#: request id -> request, for requests whose prefix-cache lookup hit (``integration.prefix_cache``
+#: fills it; vLLM passes the managers only the id). A group copies the hit pages of those that
+#: may evict in it. Dropped when the request's pages are freed.
+HITS: dict[str, object] = {}
 
 
 class CompressedKVCacheManager(FullAttentionManager):
@@ -47,6 +70,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         self.retention_args = cfg.retention_args
         self.decode_evict = cfg.decode_evict
         self.num_layers = kv_cache_spec.num_layers_in_stage
+        self.policy = get_policy(cfg)
         vc = get_current_vllm_config_or_none()
         self.max_chunk = vc.scheduler_config.max_num_batched_tokens if vc is not None else 1 << 20
         # metrics (integration.metrics reads them): per running request (computed, retained)
@@ -54,6 +78,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         self.req_tokens: dict[str, tuple[int, int]] = {}
         self.evicted_tokens = 0
         self.freed_blocks = 0
+        self._init_sharing(cfg)
 
     def budget(self, prompt_len: int, request_id: str | None = None) -> int:
         return self.kv_cache_spec.budget(prompt_len, REQUEST_BUDGETS.get(request_id))
@@ -63,10 +88,92 @@ class CompressedKVCacheManager(FullAttentionManager):
         max_new = request.max_tokens if request.max_tokens is not None else 1 << 40
         return request.num_prompt_tokens + max_new > self.budget(request.num_prompt_tokens, request.request_id)
 
+    # ---------------------------------------------------------------- prefix caching
+    supports_fine_grained_hash_lookup = False  # hits and copies are whole pages
+
+    def _init_sharing(self, cfg) -> None:
+        self.shares = cfg.shares_prefix_cache
+        self.fresh: set[int] = set()  # block ids cached during the current step (not yet written)
+        self.cow_pending: dict[str, list[tuple[int, object]]] = {}  # request -> hit pages to copy
+        self.save_copies: list[tuple[object, object]] = []  # (rewritten page, its cache copy) this step
+        self.saved: set[str] = set()  # requests whose prompt pages were handed over already
+        self.step_end: dict[str, int] = {}  # request -> computed tokens after the step being allocated
+        self.cow_pages = 0  # running totals (metrics, tests)
+        self.saved_pages = 0
+
+    def shares_cache(self, request) -> bool:
+        """Whether ``request`` reads and writes vLLM's prefix cache in this group."""
+        return self.enable_caching and (self.shares or not self.may_evict(request))
+
+    def new_step_starts(self) -> None:
+        super().new_step_starts()
+        self.fresh.clear()
+
     def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
-        if self.may_evict(request):
+        if not self.may_evict(request):
+            return super().cache_blocks(request, num_tokens, *args, **kwargs)
+        if not self.shares_cache(request):
             return  # compaction rewrites these pages: they must never be shared
-        super().cache_blocks(request, num_tokens, *args, **kwargs)
+        rid = request.request_id
+        P = request.num_prompt_tokens
+        before = self.num_cached_block.get(rid, 0)
+        super().cache_blocks(request, min(num_tokens, P), *args, **kwargs)
+        blocks = self.req_to_blocks[rid]
+        after = self.num_cached_block.get(rid, 0)
+        self.fresh.update(b.block_id for b in blocks[before:after] if not b.is_null)
+        # vLLM passes whole pages here; the step's true end is what allocate_new_blocks saw
+        if self.step_end.pop(rid, num_tokens) >= P and rid not in self.saved:
+            self.saved.add(rid)
+            self._save_before_compaction(request, after)
+
+    def _save_before_compaction(self, request, num_cached: int) -> None:
+        """This step compacts ``request``'s prompt: the cached pages from its new window's first
+        entry on hand their cache entries to fresh pages (filled by the workers before the
+        compaction), or drop them when the pool has no room to spare."""
+        rid = request.request_id
+        P = request.num_prompt_tokens
+        budget = self.budget(P, rid)
+        first = paging.window_start(P, budget, self.interval, self.block_size, **self.retention_args(P))
+        blocks = self.req_to_blocks[rid]
+        todo = [b for b in blocks[first:num_cached] if not b.is_null and b.block_hash is not None]
+        if not todo:
+            return
+        pool = self.block_pool
+        spare = pool.get_num_free_blocks() - len(self.req_to_blocks)  # one page per running request
+        n = max(0, min(len(todo), spare))
+        for b, f in zip(todo[:n], pool.get_new_blocks(n) if n else ()):
+            pool.move_block_hashes(b, f)
+            b.ref_cnt += 1  # both ends stay held until the step ran (freed by vLLM's copy retention)
+            self.save_copies.append((b, f))
+            self.fresh.add(f.block_id)
+        self.saved_pages += n
+        for b in todo[n:]:
+            pool._maybe_evict_cached_block(b)
+
+    def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
+                                  num_external_computed_tokens) -> None:
+        super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
+                                          num_external_computed_tokens)
+        if self._copies_hits(request_id):
+            hits = [(i, b) for i, b in enumerate(self.req_to_blocks[request_id]) if not b.is_null]
+            if hits:
+                self.cow_pending[request_id] = hits
+
+    def _copies_hits(self, request_id: str) -> bool:
+        req = HITS.get(request_id)
+        return req is not None and self.shares and self.may_evict(req)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        self.step_end[request_id] = num_tokens_main_model  # computed tokens after this step
+        hits = self.cow_pending.pop(request_id, None)
+        copies = []
+        if hits:
+            # copy on hit: the request's own pages replace the cached ones before its first step
+            for (i, src), dst in zip(hits, self.block_pool.get_new_blocks(len(hits))):
+                self._apply_cow(request_id, i, src, dst)
+                copies.append(dst)
+            self.cow_pages += len(hits)
+        return copies + super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
@@ -92,6 +199,11 @@ class CompressedKVCacheManager(FullAttentionManager):
     def pop_blocks_for_free(self, request_id: str) -> list:
         # every way out (free, preemption, deferred free, ``free_order``) pops here
         self.req_tokens.pop(request_id, None)
+        self.cow_pending.pop(request_id, None)
+        self.saved.discard(request_id)
+        self.step_end.pop(request_id, None)
+        HITS.pop(request_id, None)
+        LOOKUP_HITS.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
@@ -108,6 +220,9 @@ class CompressedKVCacheManager(FullAttentionManager):
             hold = self.retention_args(prefill_end)["hold_until"]
             cap = cdiv(max_slots(budget, self.interval, self.max_chunk, hold), self.block_size) + 1
             num_tokens = min(num_tokens, cap * self.block_size)
-        return super().get_num_blocks_to_allocate(
+        n = super().get_num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens,
             num_tokens_main_model, apply_admission_cap=apply_admission_cap, prefill_end=prefill_end)
+        if request_id not in self.num_cached_block and self._copies_hits(request_id):
+            n += sum(not b.is_null for b in new_computed_blocks)  # copy on hit: a page of its own for each
+        return n

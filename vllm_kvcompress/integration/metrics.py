@@ -35,6 +35,8 @@ import time
 
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
+from vllm_kvcompress.integration.prefix_cache import LOOKUP_HITS
+
 PREFIX = "kvcompress:"
 STATS_FILE_ENV = "VLLM_KVCOMPRESS_STATS_FILE"
 _WRITE_EVERY = 50
@@ -61,8 +63,21 @@ class _Tracker:
         self.written_at = -1
         self.started = time.time()
         self.preemptions = 0  # counted by the Scheduler._preempt_request wrapper
+        # prefix cache: prompt tokens of the requests that started running, and how many of
+        # them came from vLLM's prefix cache (``prefix_cache.LOOKUP_HITS``; a resumed request
+        # counts again, as in vLLM's own hit rate)
+        self.running_ids: set[str] = set()
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
 
     def step(self, scheduler) -> None:
+        ids = set()
+        for req in scheduler.running:
+            ids.add(req.request_id)
+            if req.request_id not in self.running_ids:
+                self.prompt_tokens += req.num_prompt_tokens
+                self.cached_tokens += LOOKUP_HITS.pop(req.request_id, 0)
+        self.running_ids = ids
         running = len(scheduler.running)
         if running == 0:
             return
@@ -88,6 +103,11 @@ class _Tracker:
             "evicted_tokens": sum(m.evicted_tokens for m in mgrs),
             "freed_pages": sum(m.freed_blocks for m in mgrs),
             "preemptions": self.preemptions,
+            "prompt_tokens": self.prompt_tokens,
+            "prefix_cache_hit_tokens": self.cached_tokens,
+            "prefix_cache_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "copied_pages": sum(m.cow_pages for m in mgrs),
+            "saved_pages": sum(m.saved_pages for m in mgrs),
             "seconds": time.time() - self.started,
         }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vllm_kvcompress.integration.block_copies import Pending
 from vllm_kvcompress.integration.common import patch_method
 from vllm_kvcompress.integration.request_budget import requested
 
@@ -29,6 +30,10 @@ class StepContext:
     #: the step's prefill_drop.DropPlan, built by the first compressed group's builder
     #: (False: no request drops this step)
     drop_plan: object | None = None
+    #: this step's page copies (``block_copies``): [n, 2] (src, dst) of vLLM's copies on a
+    #: prefix hit, and of the copies that keep cached pages intact (or None)
+    hit_pairs: np.ndarray | None = None
+    save_pairs: np.ndarray | None = None
     #: the hook below ran at least once in this process (a model runner that bypasses
     #: it, e.g. vLLM's Model Runner V2, would leave compressed layers unmapped)
     hooked: bool = False
@@ -61,6 +66,7 @@ def apply() -> None:
             batch = self.input_batch
             StepContext.drop_plan = None
             StepContext.hooked = True
+            StepContext.hit_pairs, StepContext.save_pairs = Pending.take()
             if batch.num_reqs >= num_reqs > 0:
                 StepContext.prompt_lens = batch.num_prompt_tokens[:num_reqs].astype(np.int64)
                 StepContext.request_budgets, StepContext.max_lens = _request_info(
@@ -73,6 +79,7 @@ def apply() -> None:
                 StepContext.prompt_lens = None
                 StepContext.request_budgets = StepContext.max_lens = None
                 StepContext.drop_plan = None
+                StepContext.hit_pairs = StepContext.save_pairs = None
         return _build_attention_metadata
 
     patch_method(GPUModelRunner, "_build_attention_metadata", wrap)

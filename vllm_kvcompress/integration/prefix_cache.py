@@ -1,36 +1,101 @@
-"""Patch point: ``vllm.v1.core.kv_cache_manager.KVCacheManager.prefix_cache_lookup_enabled``.
+"""Patch points: ``vllm.v1.core.kv_cache_manager.KVCacheManager.prefix_cache_lookup_enabled``
+and ``KVCacheManager.get_computed_blocks`` (the prefix-cache lookup of a new request).
 
-vLLM's prefix cache shares full pages between requests with the same prefix
-and lets a preempted request resume from its own pages without recomputing
-them. Compaction rewrites a request's pages in place, so only requests that
-never evict may take part: ``kv_manager.CompressedKVCacheManager.cache_blocks``
-never caches the pages of a request that may evict, and this wrapper skips the
-cache lookup for such a request (its prefix would otherwise land on pages it
-is about to rewrite). Requests that never outgrow their budget (short chats,
-or ``--kv-budget`` above prompt + output) keep vanilla vLLM's prefix caching,
-which ``--no-enable-prefix-caching`` turns off as usual. vLLM's prefix-cache
-hit rate then counts only those requests (it skips requests that skip the lookup).
+vLLM's prefix cache shares full pages between requests with the same prefix.
+How compressed groups take part is ``kv_manager``'s (copy on hit, cached prompt
+pages kept intact); this module decides which requests look up and how far a
+hit may reach:
+
+* A request that may evict in some compressed group but whose config cannot
+  share (``prompt_compaction: per-chunk``, ``prefill_drop``:
+  ``KVCompressConfig.shares_prefix_cache``) skips the lookup, as before; vLLM's
+  hit-rate metric then skips it too.
+* Otherwise a hit is cut so that it
+  - leaves the prompt's voting queries to the request (``BasePolicy.hit_limit``:
+    PyramidInfer's and SnapKV's window, H2O's question window), so the scores
+    that rank the prompt are the ones it would compute without the cache, and
+  - stops before any page cached during this step (``kv_manager``'s ``fresh``):
+    such a page is written by this step's forward pass, after the copies of a
+    new hit have run.
 """
 
 from __future__ import annotations
 
 from vllm_kvcompress.integration.common import patch_method
 
+#: request id -> tokens its last lookup took from the cache (``metrics`` reads it when the
+#: request starts running; vLLM's Request keeps no such count once its first output is out)
+LOOKUP_HITS: dict[str, int] = {}
+
+
+def _compressed_managers(kv_cache_manager):
+    from vllm_kvcompress.integration.kv_manager import CompressedKVCacheManager
+
+    return [(g, m) for g, m in enumerate(kv_cache_manager.coordinator.single_type_managers)
+            if isinstance(m, CompressedKVCacheManager)]
+
 
 def may_evict(kv_cache_manager, request) -> bool:
     """Whether any compressed KV-cache group of ``request`` can ever evict."""
-    from vllm_kvcompress.integration.kv_manager import CompressedKVCacheManager
+    return any(m.may_evict(request) for _, m in _compressed_managers(kv_cache_manager))
 
-    return any(isinstance(m, CompressedKVCacheManager) and m.may_evict(request)
-               for m in kv_cache_manager.coordinator.single_type_managers)
+
+def shares_cache(kv_cache_manager, request) -> bool:
+    """Whether ``request`` may read vLLM's prefix cache in every compressed group."""
+    return all(m.shares_cache(request) for _, m in _compressed_managers(kv_cache_manager))
+
+
+def hit_limit(kv_cache_manager, request) -> int:
+    """The longest hit (tokens) ``request`` may take: the prompt's voting queries stay its own."""
+    limit = request.num_tokens - 1
+    for _, m in _compressed_managers(kv_cache_manager):
+        if m.may_evict(request):
+            limit = min(limit, m.policy.hit_limit(request.num_prompt_tokens))
+    return limit
+
+
+def _cut(kv_cache_manager, blocks, num_tokens: int, request):
+    """(blocks, tokens) of the hit cut to whole pages below the request's limit and before the
+    first page cached during this step."""
+    managers = _compressed_managers(kv_cache_manager)
+    bs = max(m.block_size for _, m in managers)
+    n = min(num_tokens, max(hit_limit(kv_cache_manager, request), 0)) // bs
+    for g, m in managers:
+        for i, b in enumerate(blocks.blocks[g][:n]):
+            if b.block_id in m.fresh:
+                n = i
+                break
+    if n * bs == num_tokens:
+        return blocks, num_tokens
+    tokens = n * bs
+    cut = tuple(list(group[: tokens // mgr.block_size]) for group, mgr in
+                zip(blocks.blocks, kv_cache_manager.coordinator.single_type_managers))
+    return kv_cache_manager.create_kv_cache_blocks(cut), tokens
 
 
 def apply() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-    def wrap(original):
+    def wrap_enabled(original):
         def prefix_cache_lookup_enabled(self, request) -> bool:
-            return original(self, request) and not may_evict(self, request)
+            return original(self, request) and shares_cache(self, request)
         return prefix_cache_lookup_enabled
 
-    patch_method(KVCacheManager, "prefix_cache_lookup_enabled", wrap)
+    def wrap_lookup(original):
+        def get_computed_blocks(self, request):
+            from vllm_kvcompress.integration.kv_manager import HITS
+
+            HITS.pop(request.request_id, None)
+            blocks, num_tokens, boundary = original(self, request)
+            if num_tokens and may_evict(self, request):
+                blocks, num_tokens = _cut(self, blocks, num_tokens, request)
+                if num_tokens:
+                    HITS[request.request_id] = request
+                else:
+                    blocks, boundary = self.empty_kv_cache_blocks, 0
+            LOOKUP_HITS[request.request_id] = num_tokens
+            return blocks, num_tokens, boundary
+        return get_computed_blocks
+
+    patch_method(KVCacheManager, "prefix_cache_lookup_enabled", wrap_enabled)
+    patch_method(KVCacheManager, "get_computed_blocks", wrap_lookup)

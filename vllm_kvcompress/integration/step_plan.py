@@ -93,6 +93,9 @@ class StepPlan:
     reduced: object | None = None  # vLLM metadata for this group's layers that compute fewer tokens (prefill_drop)
     weights_full: torch.Tensor | None = None  # reduced metadata: query weights of the full-length step
     track_positions: bool = False
+    # ---- prefix caching (integration.block_copies)
+    hit_pairs: np.ndarray | None = None  # [n, 2] vLLM's page copies of this step: zero their scores
+    save_pairs: np.ndarray | None = None  # [n, 2] pages of this group to copy before compaction
     bound: int = -1  # the DropPlan.version that weights/positions were gathered for
     _device: dict = field(default_factory=dict, repr=False)
 
@@ -244,6 +247,12 @@ class CompressedBuilderMixin:
                         budget=budget, retained=held, start=start, retained_after=held_after,
                         start_after=start_after, weights=None, block_size=bs, track_positions=self.track_positions)
         md.kvc = plan
+        plan.hit_pairs = StepContext.hit_pairs
+        if StepContext.save_pairs is not None and len(plan.compact_rows):
+            own = np.unique(bt[torch.from_numpy(plan.compact_rows).to(dev)].cpu().numpy())
+            pairs = StepContext.save_pairs
+            pairs = pairs[np.isin(pairs[:, 0], own)]
+            plan.save_pairs = pairs if len(pairs) else None
         if kept is not None:
             plan.weights_full = weights_full
             return md
@@ -295,6 +304,8 @@ class CompressedImplMixin:
         n_tok = plan.num_tokens if plan is not None else attn_metadata.num_actual_tokens
         if plan is not None:
             plan.scored = False  # each layer decides: the plan is shared by the group's layers
+            if plan.hit_pairs is not None:
+                self._took_copies(plan.hit_pairs)
         with step_costs.timed("cache_write", query.device):
             self._write_kv(layer, key[:n_tok], value[:n_tok], kv_cache, attn_metadata.slot_mapping[:n_tok])
         paged = self._views(kv_cache, layer)
@@ -382,6 +393,8 @@ class CompressedImplMixin:
                 plan.drop.select(self._layer_index(attn_layer), plan, layer)  # before compaction moves the scores
         if plan.positions is not None:
             self._track_new(plan, md, layer)
+        if plan.save_pairs is not None:
+            self._copy_pages(layer, plan.save_pairs)
         rows = plan.compact_rows
         if len(rows):
             r = torch.from_numpy(rows)
@@ -394,6 +407,25 @@ class CompressedImplMixin:
                                                torch.from_numpy(plan.budget[rows]))
             if old_pos is not None:
                 self._move_pos(plan, rows, old_pos, kept)
+
+    # ---- prefix caching (integration.block_copies, kv_manager)
+    def _took_copies(self, pairs: np.ndarray) -> None:
+        """vLLM copied pages ``src -> dst`` (a prefix hit) before this step: the copies' scores
+        start at 0 (the cached page carries its writer's votes); tracked positions follow."""
+        if self._acc is not None:
+            self._acc[torch.from_numpy(pairs[:, 1]).to(self._acc.device)] = 0
+        if self._pos is not None:
+            src, dst = (torch.from_numpy(pairs[:, i]).to(self._pos.device) for i in (0, 1))
+            self._pos[dst] = self._pos[src]
+
+    def _copy_pages(self, layer: ops.PagedLayer, pairs: np.ndarray) -> None:
+        """Copy this layer's keys and values of pages ``pairs[:, 0]`` to ``pairs[:, 1]`` (a cached
+        page the compaction below rewrites keeps its content in the prefix cache)."""
+        src, dst = (torch.from_numpy(pairs[:, i]).to(layer.v.device) for i in (0, 1))
+        layer.k_t[dst] = layer.k_t[src]
+        layer.v[dst] = layer.v[src]
+        if self._pos is not None:
+            self._pos[dst.to(self._pos.device)] = self._pos[src.to(self._pos.device)]
 
     # ---- position tracking (VLLM_KVCOMPRESS_TRACK_POSITIONS=1; tests and debugging only)
     _pos: torch.Tensor | None = None

@@ -244,6 +244,16 @@ class BasePolicy:
             return int(prompt_len)
         return int(num_computed_after)
 
+    def hit_limit(self, prompt_len: int) -> int:
+        """The most prompt tokens a request may take from vLLM's prefix cache (``prompt_compaction:
+        once``): the queries from here on vote, so they must run in the request. A policy whose
+        scores ignore attention may take the whole prompt (vLLM still recomputes its last token)."""
+        return int(prompt_len) - self.voting_window(int(prompt_len)) if self.needs_attention else int(prompt_len)
+
+    def voting_window(self, prompt_len: int) -> int:
+        """How many of a prompt's last queries vote when the prompt is compacted once."""
+        return 0
+
     # ---------------------------------------------------------------- hooks
     def query_weights(self, chunk_start: int, chunk_len: int, num_computed_after: int, is_prefill: bool,
                       prompt_len: int | None = None) -> torch.Tensor:

@@ -59,6 +59,12 @@ class H2OPolicy(BasePolicy):
     def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         return budget // 2
 
+    def voting_window(self, prompt_len: int) -> int:
+        # every prompt query votes; the question window votes twice. A prefix hit keeps the
+        # question window in the request; the cached prefix's own votes are not recomputed
+        # (docs/serving.md, prefix caching)
+        return min(self.window, int(prompt_len))
+
     def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         w = torch.ones(chunk_len, dtype=torch.float32)
         if is_prefill and prompt_len is not None and self.window_weight > 0:

@@ -87,6 +87,9 @@ class PyramidInferPolicy(BasePolicy):
             return min(self.obs_window, int(num_computed_after))
         return ceil_ratio(num_computed_after, self.obs_window_ratio)
 
+    def voting_window(self, prompt_len: int) -> int:
+        return max(1, self.window_len(prompt_len))
+
     def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         if not is_prefill:
             return torch.ones(chunk_len, dtype=torch.float32)

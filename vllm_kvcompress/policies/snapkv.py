@@ -69,6 +69,9 @@ class SnapKVPolicy(BasePolicy):
     def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         return self.window
 
+    def voting_window(self, prompt_len: int) -> int:
+        return min(self.window, int(prompt_len))
+
     def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         if not is_prefill:
             return torch.ones(chunk_len, dtype=torch.float32)
