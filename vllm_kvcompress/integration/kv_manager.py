@@ -206,20 +206,26 @@ class CompressedKVCacheManager(FullAttentionManager):
         LOOKUP_HITS.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
+    def cap_pages(self, prefill_end: int, request_id: str | None = None) -> int:
+        """Admission gate: the most pages a request of this group ever holds (budget +
+        compaction slack + one chunk + a partly used front page; with prompt_compaction
+        "once" a chunked prompt holds its tokens until its last chunk: up to prefill_end - 1
+        + one chunk). With decode_evict false a request grows after its prompt (a resumed
+        one holds its generated tokens too): no cap, admission counts tokens as vLLM does."""
+        budget = self.budget(prefill_end, request_id)
+        hold = self.retention_args(prefill_end)["hold_until"]
+        return cdiv(max_slots(budget, self.interval, self.max_chunk, hold), self.block_size) + 1
+
+    def admission_pages(self, request) -> int:
+        """Pages vLLM's admission asks of this group for ``request`` (its whole sequence, capped)."""
+        pages = cdiv(request.num_tokens + (request.max_tokens or 0), self.block_size)
+        return min(pages, self.cap_pages(request.num_prompt_tokens, request.request_id)) if self.decode_evict else pages
+
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model,
                                    apply_admission_cap: bool = False, prefill_end: int = 0) -> int:
         if apply_admission_cap and prefill_end > 0 and self.decode_evict:
-            # Admission gate: the most pages a request of this group ever holds
-            # (budget + compaction slack + one chunk + a partly used front page; with
-            # prompt_compaction "once" a chunked prompt holds its tokens until its last
-            # chunk: up to prefill_end - 1 + one chunk). With decode_evict false a request
-            # grows after its prompt (a resumed one holds its generated tokens too): no
-            # cap, admission counts tokens as vLLM does.
-            budget = self.budget(prefill_end, request_id)
-            hold = self.retention_args(prefill_end)["hold_until"]
-            cap = cdiv(max_slots(budget, self.interval, self.max_chunk, hold), self.block_size) + 1
-            num_tokens = min(num_tokens, cap * self.block_size)
+            num_tokens = min(num_tokens, self.cap_pages(prefill_end, request_id) * self.block_size)
         n = super().get_num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens,
             num_tokens_main_model, apply_admission_cap=apply_admission_cap, prefill_end=prefill_end)

@@ -16,7 +16,10 @@ hit may reach:
     that rank the prompt are the ones it would compute without the cache, and
   - stops before any page cached during this step (``kv_manager``'s ``fresh``):
     such a page is written by this step's forward pass, after the copies of a
-    new hit have run.
+    new hit have run;
+  - fits the pool: the first step of a request that hits holds the cached pages
+    and their copies, which must not exceed the whole pool, or vLLM would keep the
+    request waiting for pages that never come.
 """
 
 from __future__ import annotations
@@ -65,6 +68,13 @@ def _cut(kv_cache_manager, blocks, num_tokens: int, request):
             if b.block_id in m.fresh:
                 n = i
                 break
+    # a hit copies its pages: admission asks for the cached pages and their copies. Cut it to
+    # what the whole pool could give, so a request alone is always admitted (vLLM would
+    # otherwise keep it waiting for pages that never come)
+    capacity = kv_cache_manager.block_pool.num_gpu_blocks - 1
+    base = sum(m.admission_pages(request) for _, m in managers)
+    copying = sum(1 for _, m in managers if m.may_evict(request))
+    n = max(0, min(n, (capacity - base) // copying)) if copying else n
     if n * bs == num_tokens:
         return blocks, num_tokens
     tokens = n * bs
