@@ -477,8 +477,9 @@ def render_md(result: dict) -> str:
             L += phase_text(result, phase, md=True) + [""]
     L += ["Columns: *pages* = the KV page layout of compressed layers (vLLM's \"amx\" or \"vec\"); *rN* = round N's "
           "ratio (prefill: cost, lower is better); *preempted* = preemptions of the variant's runs / of their vanilla "
-          "neighbours (from the plugin's stats file).", "",
-          "## Targets (issue #28)", "", "| variant | metric | target | median | result |", "|---|---|---|---:|---|"]
+          "neighbours (from the plugin's stats file); *peak running* = most requests running at once; "
+          "*prefix-cache hits* = prompt tokens taken from vLLM's prefix cache / all prompt tokens.", "",
+          f"## Targets (issue {'#29' if result['config'].get('dataset') == 'prefix_repetition' else '#28'})", "", "| variant | metric | target | median | result |", "|---|---|---|---:|---|"]
     for t in result["targets"]:
         L.append(f"| {t['variant']} | {t['metric']} | {t['target']} | {fx(t['value'])} | "
                  f"{'PASS' if t['pass'] else 'FAIL'} |")
