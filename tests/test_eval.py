@@ -185,6 +185,7 @@ def test_cli_parsing(capsys):
         q.parse_args(["--retentions", "1.5"])
     assert q.engine_kwargs("full", 1.0, "ppl")["max_num_batched_tokens"] == q.PAGE
     assert "additional_config" not in q.engine_kwargs("full", 1.0, "retrieval")
+    assert q.engine_kwargs("h2o", 0.25, "retrieval")["enable_prefix_caching"] is False  # prompts share haystacks
     kw = q.engine_kwargs("h2o", 0.25, "retrieval")
     assert kw["additional_config"] == {"kv_compress": {"policy": "h2o", "budget": 0.25}}
     # retrieval and summaries are prefilled as `vllm serve` does: chunked, q.CHUNK tokens per step

@@ -104,8 +104,13 @@ def engine_kwargs(policy: str, retention: float, kind: str, options: dict | None
     vLLM's chunked prefill at ``chunk`` tokens per step as a server does (0: each prompt in one
     step), "ppl" at the page size with ``prompt_compaction: per-chunk`` (a prompt compacted
     once would hold every token until its end, and prompt_logprobs would measure nothing)."""
+    # Prefix caching off: the prompts of one length share the haystack before the needle, so
+    # with the cache on a prompt's pages would come from another prompt of the set, and H2O's
+    # answers (its cached prefix's own votes are not recomputed on a hit, docs/serving.md)
+    # would depend on which prompt ran first. Each prompt is measured on its own.
     kw: dict[str, Any] = dict(dtype=dtype, enforce_eager=True, kv_cache_memory_bytes=KV_BYTES,
-                              max_model_len=MAX_MODEL_LEN, seed=SEED, block_size=PAGE)
+                              max_model_len=MAX_MODEL_LEN, seed=SEED, block_size=PAGE,
+                              enable_prefix_caching=False)
     options = dict(options or {})
     if kind == "ppl":
         kw.update(max_num_batched_tokens=PAGE, enable_chunked_prefill=True)
@@ -579,7 +584,9 @@ def setup_notes(args) -> list[str]:
         (f"Generation prompts are prefilled as `vllm serve` does on CPU: chunked prefill on, at most {args.chunk} "
          "tokens per step (`max_num_batched_tokens`; several prompts share a step). A prompt longer than a step is "
          "split, and with the default `prompt_compaction: once` each layer keeps the prompt until its last chunk, "
-         "then compacts once with the question's votes; the answer is decoded from the compressed cache."
+         "then compacts once with the question's votes; the answer is decoded from the compressed cache. "
+         "vLLM's prefix cache is off: the prompts of one length share the haystack before the needle, and each "
+         "is measured on its own."
          if args.chunk else
          "Generation prompts are prefilled in one step (chunked prefill off, `max_num_batched_tokens` = "
          f"{MAX_MODEL_LEN}): every layer scores the whole prompt, question included, then compacts to its budget; "

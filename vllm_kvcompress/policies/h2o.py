@@ -11,9 +11,10 @@ One deviation by default, the **question window** (``window_weight``): the last
 asks about outranks the essay's generic heavy hitters. Plain H2O lets every
 prompt query vote equally: a pass key stated once got ~10% at 25% retention on
 the embedded model. ``window_weight: 0`` restores the reference. The scores are
-also max-pooled along keys (``kernel`` 13, as PyramidInfer's and SnapKV's here):
+also max-pooled along keys (``kernel`` 21, as PyramidInfer's and SnapKV's here):
 the question attends to a key's first digit, and without pooling the question
-window kept only that digit (20% at 25% retention; 93% with kernel 13).
+window kept only that digit (20% at 25% retention; 93% with kernel 13; 21 also
+keeps a 6-digit fact's end, docs/policies.md).
 ``kernel: 1`` restores the reference's per-token ranking (docs/policies.md).
 """
 

@@ -21,7 +21,7 @@ Deviations by default, each with the option that restores the reference
 * a short voting window, ``obs_window`` = 32 queries (like SnapKV's) instead of
   the last ``obs_window_ratio`` (0.2) of the context: 20% of a 2K prompt is ~400
   essay tokens whose votes drown the question's (``obs_window: 0`` restores it);
-* the scores are max-pooled along keys (``kernel`` 13) before the top-k, so a
+* the scores are max-pooled along keys (``kernel`` 21) before the top-k, so a
   multi-token fact survives whole; the reference ranks single tokens, which kept
   the first digits of a pass key and lost the rest (``kernel: 1`` restores it);
 * scores restart from 0 after each compaction (``reset_scores: true``), so a

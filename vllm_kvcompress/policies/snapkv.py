@@ -10,10 +10,10 @@ the window itself. Our defaults are the authors' LongBench configuration
 ``max_pool1d``, kernel 7). kvpress (``SnapKVPress``) averages the query heads of a
 GQA group, as we do.
 
-Deviations by default: the pooling kernel is 13 (wider than the LongBench 7:
+Deviations by default: the pooling kernel is 21 (wider than the LongBench 7:
 the question attends to a number's first digits, and kernel 7 reached only the
-first four of a 5-digit key on the embedded model; ``kernel: 7`` restores the
-LongBench setting), and the per-layer budgets follow PyramidKV (``schedule:
+first four of a 5-digit key on the embedded model, kernel 13 the end of a 6-digit
+one only from its first digit; ``kernel: 7`` restores the LongBench setting), and the per-layer budgets follow PyramidKV (``schedule:
 pyramidkv``, the config's ``DEFAULT_SCHEDULE``): at 12.5% retention SnapKV's uniform
 budgets cut a once-stated key at 1K tokens (87% pass-key), PyramidKV's kept it
 (100%) at some perplexity (+2.3% vs +0.8% at 25%); ``schedule: uniform`` restores
