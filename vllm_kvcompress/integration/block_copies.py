@@ -62,11 +62,11 @@ def apply() -> None:
 
     def wrap_take(original):
         def take_kv_cache_block_copies(self):
-            from vllm_kvcompress.integration.kv_manager import CompressedKVCacheManager
+            from vllm_kvcompress.integration.kv_manager import compressed_groups
 
             copies, retained = original(self)
-            for m in self.coordinator.single_type_managers:
-                if isinstance(m, CompressedKVCacheManager) and m.save_copies:
+            for _, m in compressed_groups(self):
+                if m.save_copies:
                     for src, dst in m.save_copies:
                         copies.append(encode_save(src.block_id, dst.block_id))
                         retained.extend((src, dst))

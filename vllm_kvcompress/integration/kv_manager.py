@@ -55,6 +55,17 @@ REQUEST_BUDGETS: dict[str, float | int] = {}
 HITS: dict[str, object] = {}
 
 
+def compressed_groups(kv_cache_manager) -> list[tuple[int, "CompressedKVCacheManager"]]:
+    """``(group id, manager)`` of every compressed KV-cache group of vLLM's ``KVCacheManager``
+    (the groups are fixed at start-up: computed once per manager)."""
+    found = kv_cache_manager.__dict__.get("_kvcompress_groups")
+    if found is None:
+        managers = getattr(getattr(kv_cache_manager, "coordinator", None), "single_type_managers", ())
+        found = [(g, m) for g, m in enumerate(managers) if isinstance(m, CompressedKVCacheManager)]
+        kv_cache_manager.__dict__["_kvcompress_groups"] = found
+    return found
+
+
 class CompressedKVCacheManager(FullAttentionManager):
     """vLLM's full-attention manager whose requests hold only their compacted window.
 
@@ -112,7 +123,7 @@ class CompressedKVCacheManager(FullAttentionManager):
     def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
         if not self.may_evict(request):
             return super().cache_blocks(request, num_tokens, *args, **kwargs)
-        if not self.shares_cache(request):
+        if not self.shares:
             return  # compaction rewrites these pages: they must never be shared
         rid = request.request_id
         P = request.num_prompt_tokens

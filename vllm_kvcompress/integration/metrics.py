@@ -43,10 +43,9 @@ _WRITE_EVERY = 50
 
 
 def compressed_managers(scheduler) -> list:
-    from vllm_kvcompress.integration.kv_manager import CompressedKVCacheManager
+    from vllm_kvcompress.integration.kv_manager import compressed_groups
 
-    coord = getattr(scheduler.kv_cache_manager, "coordinator", None)
-    return [m for m in getattr(coord, "single_type_managers", ()) if isinstance(m, CompressedKVCacheManager)]
+    return [m for _, m in compressed_groups(scheduler.kv_cache_manager)]
 
 
 class _Tracker:

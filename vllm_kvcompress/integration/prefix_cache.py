@@ -32,10 +32,9 @@ LOOKUP_HITS: dict[str, int] = {}
 
 
 def _compressed_managers(kv_cache_manager):
-    from vllm_kvcompress.integration.kv_manager import CompressedKVCacheManager
+    from vllm_kvcompress.integration.kv_manager import compressed_groups
 
-    return [(g, m) for g, m in enumerate(kv_cache_manager.coordinator.single_type_managers)
-            if isinstance(m, CompressedKVCacheManager)]
+    return compressed_groups(kv_cache_manager)
 
 
 def may_evict(kv_cache_manager, request) -> bool:
