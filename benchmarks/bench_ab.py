@@ -32,7 +32,7 @@ The verdicts hold for the issue's settings only (1.9K-token prompts, >= 2 rounds
 and the pages compressed layers use), the exact command and every run's command.
 ``ab.json`` (and ``ab.md``) are rewritten after every run, marked partial until the end.
 
-A variant is ``POLICY@BUDGET[:NAME=VALUE...]``: POLICY a policy name of the bench
+A variant is ``POLICY@BUDGET[:NAME=VALUE...][:--kv-FLAG...]``: POLICY a policy name of the bench
 commands (``pyramid``, ``h2o``, ``snapkv``, ``streaming``, ``pyramid+drop`` =
 ``--kv-prefill-drop``, ``pyramid+drop@L``), BUDGET ``--kv-budget`` (``0.25`` = 25% of
 the prompt, a whole number of tokens) or ``none`` (the smallest budget under which no
@@ -42,7 +42,9 @@ variables of that variant's engines only, e.g.
 * ``pyramid@0.25:VLLM_KVCOMPRESS_CPU_AMX=0``: compressed layers on "vec" pages and our
   AVX512-BF16 dot-path kernels instead of vLLM's "amx" pages and AMX prefill attention;
 * ``h2o@0.25:VLLM_KVCOMPRESS_FUSED_PREFILL=amx``: H2O's prefill attention + scores fused
-  on "amx" pages instead of vLLM's AMX attention + a scoring pass.
+  on "amx" pages instead of vLLM's AMX attention + a scoring pass;
+* ``pyramid@0.25:--no-kv-pin-prefix-hits``: an engine flag of the plugin for that variant
+  (``--kv-x``, ``--no-kv-x`` or ``--kv-x=VALUE``).
 
 Those switches change nothing on a CPU without AMX (vLLM never picks "amx" pages there;
 the report's *pages* column says "vec" for both sides). The default list is
@@ -146,10 +148,13 @@ class Variant:
     policy: str  # a policy name of vllm_kvcompress.config.variant_settings
     budget: str  # "none" (nothing evicted) or the --kv-budget value as given
     env: tuple[tuple[str, str], ...] = ()
+    #: extra ``--kv-*`` engine flags of this variant's engines (e.g. ``--no-kv-pin-prefix-hits``)
+    extra: tuple[str, ...] = ()
 
     @property
     def spec(self) -> str:
-        return f"{self.policy}@{self.budget}" + "".join(f":{k}={v}" for k, v in self.env)
+        return (f"{self.policy}@{self.budget}" + "".join(f":{k}={v}" for k, v in self.env)
+                + "".join(f":{f}" for f in self.extra))
 
     @property
     def base(self) -> str:
@@ -178,7 +183,7 @@ class Variant:
 
     def flags(self, input_len: int, output_len: int) -> list[str]:
         budget = nothing_evicted_budget(self.policy, input_len, output_len) if self.budget == "none" else self.budget
-        return policy_flags(self.policy, budget)
+        return policy_flags(self.policy, budget) + [a for f in self.extra for a in f.split("=", 1)]
 
 
 def parse_variant(text: str) -> Variant:
@@ -213,7 +218,11 @@ def parse_variant(text: str) -> Variant:
         except ConfigError as e:
             raise VariantError(f"{text!r}: {e}") from None
     env: list[tuple[str, str]] = []
+    extra: list[str] = []
     for item in envs:
+        if item.strip().startswith("--"):
+            extra.append(_kv_flag(text, item.strip()))
+            continue
         name, eq, value = item.partition("=")
         name, value = name.strip(), value.strip()
         if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -228,7 +237,21 @@ def parse_variant(text: str) -> Variant:
         if any(k == name for k, _ in env):
             raise VariantError(f"{text!r}: {name} set twice")
         env.append((name, value))
-    return Variant(policy, budget, tuple(env))
+    return Variant(policy, budget, tuple(env), tuple(extra))
+
+
+def _kv_flag(text: str, item: str) -> str:
+    """A variant's ``--kv-*`` engine flag (``--kv-x``, ``--no-kv-x`` or ``--kv-x=VALUE``), checked
+    against the plugin's flags; :class:`VariantError` (one line) if unknown."""
+    from vllm_kvcompress.integration.cli_args import FLAGS
+
+    name = item.partition("=")[0]
+    known = {"--" + f.replace("_", "-") for f in FLAGS}
+    base = "--" + name[len("--no-"):] if name.startswith("--no-") else name
+    if base not in known or base in ("--kv-policy", "--kv-budget"):
+        raise VariantError(f"{text!r}: {item!r} is not a --kv-* flag of the plugin (policy and budget are "
+                           f"POLICY@BUDGET); known: {', '.join(sorted(known - {'--kv-policy', '--kv-budget'}))}")
+    return item
 
 
 def parse_variants(texts) -> list[Variant]:
@@ -358,10 +381,11 @@ def issue_settings(input_len: int, rounds: int, quick: bool) -> list[str]:
 
 
 def env_vs_default(variants: list[Variant], summary: list[dict]) -> list[dict]:
-    """Each env variant's median / its default-env sibling's (both against their own adjacent vanilla runs)."""
+    """Each env (or flag) variant's median / its default sibling's (both against their own adjacent
+    vanilla runs)."""
     out = []
     for i, v in enumerate(variants):
-        if not v.env or v.default_env not in variants:
+        if not (v.env or v.extra) or v.default_env not in variants:
             continue
         j = variants.index(v.default_env)
         a, b = summary[i]["median"], summary[j]["median"]
@@ -677,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "machine": info, "quick": q, "dtype": args.dtype, "vllm_attn_isa": isa,
         "base_env": base_env, "not_issue_settings": why, "work_dir": str(workdir), "engine_flags": runner.engine_flags(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "variants": [{"spec": v.spec, "policy": v.policy, "budget": v.budget, "env": dict(v.env), "kind": v.kind,
+        "variants": [{"spec": v.spec, "policy": v.policy, "budget": v.budget, "env": dict(v.env), "flags": list(v.extra), "kind": v.kind,
                       "retention": v.retention, "drop": v.drop, "flags": flags_of[v],
                       "budget_flag": flags_of[v][flags_of[v].index("--kv-budget") + 1],
                       "compressed_pages": compressed_pages(isa, {**base_env, **dict(v.env)})} for v in all_variants],

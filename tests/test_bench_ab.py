@@ -46,6 +46,11 @@ def test_parse_variant_forms():
     assert v.env == ((AMX, "0"), (FUSED, "amx")) and v.retention is None and v.kind == "retention"
     assert v.spec == f"h2o@512:{AMX}=0:{FUSED}=amx" and v.default_env == ab.parse_variant("h2o@512")
     assert ab.parse_variant("h2o@0.25:OMP_NUM_THREADS=1").env == (("OMP_NUM_THREADS", "1"),)  # not the plugin's
+    v = ab.parse_variant("pyramid@0.25:--no-kv-pin-prefix-hits:--kv-compress-interval=16")
+    assert v.extra == ("--no-kv-pin-prefix-hits", "--kv-compress-interval=16") and not v.env
+    assert v.flags(1920, 128)[-3:] == ["--no-kv-pin-prefix-hits", "--kv-compress-interval", "16"]
+    assert v.spec == "pyramid@0.25:--no-kv-pin-prefix-hits:--kv-compress-interval=16"
+    assert v.default_env == ab.parse_variant("pyramid@0.25")
 
 
 @pytest.mark.parametrize("spec, msg", [
@@ -67,6 +72,8 @@ def test_parse_variant_forms():
     ("pyramid@0.25:AMX", "is not NAME=VALUE"),
     ("pyramid@0.25:1X=0", "is not NAME=VALUE"),
     (f"pyramid@0.25:{AMX}=0:{AMX}=1", "set twice"),
+    ("pyramid@0.25:--kv-pin-prefix", "not a --kv-* flag of the plugin"),
+    ("pyramid@0.25:--kv-budget=0.5", "policy and budget are POLICY@BUDGET"),
 ])
 def test_parse_variant_errors_are_one_line(spec, msg):
     with pytest.raises(ab.VariantError) as e:

@@ -46,6 +46,13 @@ def test_decode_evict_flag(parser):
     assert ea.additional_config["kv_compress"]["decode_evict"] is True
 
 
+def test_pin_prefix_hits_flag(parser):
+    ea = _engine_args(parser, ["--kv-policy", "h2o", "--kv-budget", "0.25", "--no-kv-pin-prefix-hits"])
+    assert ea.additional_config["kv_compress"]["pin_prefix_hits"] is False
+    ea = _engine_args(parser, ["--kv-policy", "h2o", "--kv-budget", "0.25"])
+    assert ea.additional_config["kv_compress"]["pin_prefix_hits"] is True
+
+
 def test_no_flags_no_config(parser):
     assert "kv_compress" not in (_engine_args(parser, []).additional_config or {})
 

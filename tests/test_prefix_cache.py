@@ -79,6 +79,8 @@ def test_prefix_hits_give_the_tokens_of_a_cold_cache(model_dir, shared_prompts, 
             assert same >= 0.5 * sum(len(x) for x in cold), (same, got, cold)
         else:
             assert got == cold
+        if policy == "pyramid":
+            _check_pins(llm, shared_prompts[2])
         # all four at once: a hit never reaches pages cached in the same step (not yet written)
         assert llm.reset_prefix_cache()
         together = llm.generate(shared_prompts, greedy())
@@ -88,3 +90,38 @@ def test_prefix_hits_give_the_tokens_of_a_cold_cache(model_dir, shared_prompts, 
         assert pool.get_num_free_blocks() == free0  # every page back (cached ones are free)
     finally:
         close_llm(llm)
+
+
+def _check_pins(llm, prompt) -> None:
+    """While a request that hit runs, the cached pages it hit stay held (``pin_prefix_hits``,
+    the default): none of them is in the free queue, so the prefix cannot be evicted; they come
+    back when it finishes. With pinning off they are free again once the copies ran."""
+    eng = llm.llm_engine
+    sched = scheduler_of(llm)
+    pool = sched.kv_cache_manager.block_pool
+    managers = _managers(llm)
+    for pin in (True, False):
+        for m in managers:
+            m.pin = pin
+        free0 = pool.get_num_free_blocks()
+        eng.add_request(f"pin-{pin}", prompt, greedy(40))
+        held = None
+        for _ in range(200):
+            outs = eng.step()
+            run = list(sched.running)  # the only request (vLLM's scheduler ids carry a suffix)
+            if run and run[0].num_output_tokens >= 4 and held is None:
+                pins = [b for m in managers for b in m.pinned.get(run[0].request_id, [])]
+                if pin:  # the hit reaches >= 1,024 tokens (the prompt minus the voting window)
+                    assert len(pins) >= 1024 // managers[0].block_size * len(managers)
+                    assert all(b.ref_cnt >= 1 and b.block_hash is not None for b in pins)
+                else:
+                    assert not pins
+                held = free0 - pool.get_num_free_blocks()
+            if any(o.finished for o in outs):
+                break
+        assert held is not None
+        print(f"pin_prefix_hits={pin}: {held} pages held while decoding")
+        assert not any(m.pinned for m in managers)
+        assert pool.get_num_free_blocks() == free0
+    for m in managers:
+        m.pin = True

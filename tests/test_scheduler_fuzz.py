@@ -240,9 +240,13 @@ def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
                 last.pop(rid, None)  # preempted / waiting: its next admission starts afresh
             for m, s in zip(managers, specs):
                 blocks = m.req_to_blocks.get(rid, [])
+                pins = m.pinned.get(rid, [])  # the cached pages it hit, held while it runs
                 if not running:
-                    assert _held(blocks) == 0, f"step {step}: waiting request {rid} holds pages"
+                    assert _held(blocks) == 0 and not pins, f"step {step}: waiting request {rid} holds pages"
                     continue
+                assert all(p.ref_cnt >= 1 and p.block_hash is not None and p not in blocks for p in pins), (
+                    f"step {step}: {rid}'s pinned hit pages must stay cached and apart from its own")
+                held_ids.update(p.block_id for p in pins)
                 c, n = last[rid]
                 B = s.budget(P, r["kv_budget"])
                 assert m.budget(P, rid) == B, "REQUEST_BUDGETS does not carry the request's kv_budget"

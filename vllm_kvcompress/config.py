@@ -168,6 +168,12 @@ class KVCompressConfig:
     #: last queries: a prompt never holds more than budget + one chunk per layer (the
     #: memory-bounded mode), at a retrieval cost (docs/policies.md)
     prompt_compaction: str = "once"
+    #: with vLLM's prefix cache on: a request that evicts and whose prompt starts with cached pages
+    #: copies them into pages of its own (it compacts those) and keeps holding the cached pages
+    #: until it finishes, as vanilla's requests hold a shared prefix, so a prefix in use stays
+    #: cached for the next request (docs/serving.md, "Prefix caching"). false: it lets go of them
+    #: after the copy: more room for running requests, fewer hits
+    pin_prefix_hits: bool = True
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -187,7 +193,7 @@ class KVCompressConfig:
             if not isinstance(v, str):
                 raise _err(name, f"must be a string, got {v!r}")
             set_(self, name, v.strip().lower())
-        for name in ("prefill_drop", "reset_scores", "decode_evict"):
+        for name in ("prefill_drop", "reset_scores", "decode_evict", "pin_prefix_hits"):
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.schedule is not None:

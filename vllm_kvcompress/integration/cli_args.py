@@ -2,7 +2,7 @@
 ``EngineArgs.from_cli_args``.
 
 Adds ``--kv-policy``, ``--kv-budget``, ``--kv-schedule``, ``--kv-recent-window``, ``--kv-sinks``,
-``--kv-compress-interval``, ``--kv-prefill-drop``, ``--kv-prefill-drop-from``, ``--kv-decode-evict``, ``--kv-prompt-compaction`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
+``--kv-compress-interval``, ``--kv-prefill-drop``, ``--kv-prefill-drop-from``, ``--kv-decode-evict``, ``--kv-prompt-compaction``, ``--kv-pin-prefix-hits`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
 (``vllm serve``, ``vllm bench ...``), and moves their values into
 ``additional_config["kv_compress"]`` — the same place offline users put them:
 ``LLM(..., additional_config={"kv_compress": {...}})``. Explicit flags override
@@ -37,6 +37,7 @@ FLAGS = {
     "kv_prefill_drop_from": "prefill_drop_from",
     "kv_decode_evict": "decode_evict",
     "kv_prompt_compaction": "prompt_compaction",
+    "kv_pin_prefix_hits": "pin_prefix_hits",
 }
 
 
@@ -83,6 +84,10 @@ def add_flags(parser) -> None:
                    help="When a prompt split by chunked prefill is compressed: once, at its last chunk, ranked "
                         "by the prompt's last queries (default), or per-chunk, after every chunk (a prompt then "
                         "holds at most budget + one chunk per layer, at a retrieval cost).")
+    g.add_argument("--kv-pin-prefix-hits", action=argparse.BooleanOptionalAction, default=None,
+                   help="With prefix caching: a request that evicts keeps holding the cached prefix pages it "
+                        "hit until it finishes, so a prefix in use stays cached (default). "
+                        "--no-kv-pin-prefix-hits: it lets go of them after copying them.")
     g.add_argument("--kv-config", default=None, metavar="FILE.yaml",
                    help="YAML file with a kv_compress mapping (see configs/); flags override it.")
 

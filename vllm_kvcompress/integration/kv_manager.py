@@ -109,6 +109,8 @@ class CompressedKVCacheManager(FullAttentionManager):
         self.save_copies: list[tuple[object, object]] = []  # (rewritten page, its cache copy) this step
         self.saved: set[str] = set()  # requests whose prompt pages were handed over already
         self.step_end: dict[str, int] = {}  # request -> computed tokens after the step being allocated
+        self.pin = cfg.pin_prefix_hits
+        self.pinned: dict[str, list] = {}  # request -> the cached pages it hit, held until it is freed
         self.cow_pages = 0  # running totals (metrics, tests)
         self.saved_pages = 0
 
@@ -184,6 +186,12 @@ class CompressedKVCacheManager(FullAttentionManager):
                 self._apply_cow(request_id, i, src, dst)
                 copies.append(dst)
             self.cow_pages += len(hits)
+            if self.pin:
+                # the request keeps holding the shared pages it hit, as vanilla's requests do, so a
+                # prefix in use stays cached (freed with the request's own pages)
+                for _, src in hits:
+                    src.ref_cnt += 1
+                self.pinned[request_id] = [src for _, src in hits]
         return copies + super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
@@ -215,7 +223,8 @@ class CompressedKVCacheManager(FullAttentionManager):
         self.step_end.pop(request_id, None)
         HITS.pop(request_id, None)
         LOOKUP_HITS.pop(request_id, None)
-        return super().pop_blocks_for_free(request_id)
+        # pinned hit pages first: freed in reverse order, the prompt's start is evicted last
+        return self.pinned.pop(request_id, []) + super().pop_blocks_for_free(request_id)
 
     def cap_pages(self, prefill_end: int, request_id: str | None = None) -> int:
         """Admission gate: the most pages a request of this group ever holds (budget +
