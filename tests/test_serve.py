@@ -123,8 +123,11 @@ def test_concurrent_clients(client, long_prompt):
 
 def test_long_request_uses_a_fraction_of_its_pages(client, long_prompt):
     """While a ~1.9K-token prompt decodes, vLLM's own KV usage gauge shows
-    roughly the retained fraction, not the whole prompt."""
-    stream = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=64, temperature=0.0,
+    roughly the retained fraction, not the whole prompt. The prompt is new to the prefix
+    cache: a request that hits keeps the cached pages it hit pinned (``pin_prefix_hits``), as a
+    vanilla request holds a shared prefix, and the gauge then counts them too."""
+    prompt = "A note nobody sent before.\n\n" + long_prompt
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=64, temperature=0.0,
                                        stream=True, stream_options={"include_usage": True},
                                        extra_body={"ignore_eos": True})
     usage, n, prompt_tokens = None, 0, None
