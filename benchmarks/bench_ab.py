@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "machine": info, "quick": q, "dtype": args.dtype, "vllm_attn_isa": isa,
         "base_env": base_env, "not_issue_settings": why, "work_dir": str(workdir), "engine_flags": runner.engine_flags(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "variants": [{"spec": v.spec, "policy": v.policy, "budget": v.budget, "env": dict(v.env), "flags": list(v.extra), "kind": v.kind,
+        "variants": [{"spec": v.spec, "policy": v.policy, "budget": v.budget, "env": dict(v.env), "kind": v.kind,
                       "retention": v.retention, "drop": v.drop, "flags": flags_of[v],
                       "budget_flag": flags_of[v][flags_of[v].index("--kv-budget") + 1],
                       "compressed_pages": compressed_pages(isa, {**base_env, **dict(v.env)})} for v in all_variants],
