@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-timeout", type=float, default=3600.0, help="seconds per subprocess")
     ap.add_argument("--dataset", default="essays", choices=("essays", "prefix_repetition"),
                     help="essays: bench_throughput's essay prompts (issue #28); prefix_repetition: vLLM's "
-                         f"shared-prefix data, {PREFIX_COUNT} prefixes of {PREFIX_SHARE:.0%} of --input-len, "
+                         f"shared-prefix data, {PREFIX_COUNT} prefixes of {PREFIX_SHARE * 100:.0f}%% of --input-len, "
                          "vanilla and every variant with vLLM's prefix cache on (issue #29; no prefill-only runs)")
     args = ap.parse_args(argv)
     q = args.quick

@@ -394,3 +394,11 @@ def test_prefix_repetition_dataset_flags_and_target():
     assert ab.verdict(v, "full", 1.01, ab.PREFIX_TARGETS)["pass"] is True
     assert ab.verdict(v, "full", 0.99, ab.PREFIX_TARGETS)["pass"] is False
     assert ab.verdict(v, "full", 1.2)["pass"] is False  # issue #28's target: 1.4x
+
+
+def test_help_renders(capsys):
+    """``--help`` prints every option (a bare ``%`` in a help string made argparse crash)."""
+    with pytest.raises(SystemExit) as e:
+        ab.main(["--help"])
+    assert e.value.code == 0
+    assert "--dataset" in capsys.readouterr().out

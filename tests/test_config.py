@@ -108,6 +108,9 @@ def test_unknown_schedule_message():
 def test_unknown_pooling():
     msg = _err(policy="snapkv", budget=0.5, snapkv_pooling="median")
     assert msg.startswith("kv_compress.snapkv_pooling:") and "avg, max" in msg
+    msg = _err(policy="pyramid", budget=0.5, pool_tiebreak="oldest")
+    assert msg.startswith("kv_compress.pool_tiebreak:") and "newest, score" in msg
+    assert _err(policy="pyramid", budget=0.5, pool_min_spans=-1).startswith("kv_compress.pool_min_spans: must be an integer >= 0")
 
 
 def test_unknown_key():

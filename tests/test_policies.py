@@ -424,3 +424,87 @@ def test_pooling_ranks_selectable_slots_only(name):
     assert all(abs(s - peak) <= policy.kernel // 2 for s in chosen), chosen
     toks = select_tokens(policy, acc, keep, keep).tolist()
     assert all(abs(s - peak) <= policy.kernel // 2 for s in toks if 4 <= s < K - 32), toks
+
+
+def test_narrow_kernel_fits_min_spans():
+    from vllm_kvcompress.policies.base import narrow_kernel
+
+    # the largest odd width at which min_spans spans fit the selectable slots, within 1..kernel
+    assert [narrow_kernel(21, r, 4) for r in (0, 3, 8, 12, 28, 84, 88, 500)] == [1, 1, 1, 3, 7, 21, 21, 21]
+    assert narrow_kernel(21, 10, 0) == 21 and narrow_kernel(1, 10, 4) == 1 and narrow_kernel(21, None, 4) == 21
+    rooms = torch.arange(0, 200)
+    assert narrow_kernel(21, rooms, 6).tolist() == [narrow_kernel(21, int(r), 6) for r in rooms]
+
+
+@pytest.mark.parametrize("name", ["pyramid", "snapkv", "h2o"])
+def test_pooling_narrows_with_the_layer_budget(name):
+    """pool_min_spans: a layer with few selectable slots pools narrower, so two separate peaks
+    both keep their span where the full kernel would spend the slots on one; a batch of
+    rows with different keep counts ranks each row as that row alone."""
+    from vllm_kvcompress.policies.base import narrow_kernel
+
+    cfg = dict(policy=name, budget=0.25, sinks=0, recent_window=0)
+    wide = get_policy(KVCompressConfig(**cfg))
+    narrow = get_policy(KVCompressConfig(**cfg, pool_min_spans=4))
+    assert narrow.min_spans == 4 and wide.min_spans == 0
+    K = 300
+    acc = torch.full((1, K), 1e-4)
+    acc[0, 100], acc[0, 200] = 1.0, 0.9  # two facts, each a first digit
+    keep = 14  # room for two 7-wide spans, not for a 21-wide one beside another
+    kept_w, _ = compress_step(wide, acc, keep, keep)
+    kept_n, _ = compress_step(narrow, acc, keep, keep)
+    assert narrow_kernel(21, keep, 4) == 3
+    assert any(abs(s - 200) <= 1 for s in kept_n[0].tolist())  # both peaks kept
+    assert not any(abs(s - 200) <= 1 for s in kept_w[0].tolist())  # the wide kernel drops the second
+    # batched rows with different room: each row equals its own compress_step
+    torch.manual_seed(0)
+    accs = torch.rand(4, 3, 160)
+    keeps = torch.tensor([20, 40, 90, 150])
+    valid = torch.tensor([160, 120, 160, 150])
+    kept_b, _ = compress_step(narrow, accs, keeps, keeps, valid_len=valid)
+    for r in range(4):
+        n = int(keeps[r])
+        kept_r, _ = compress_step(narrow, accs[r, :, : int(valid[r])], n, n)
+        assert torch.equal(kept_b[r, :, :n], kept_r), r
+
+
+def test_select_tiebreak_is_lexicographic():
+    """``select(..., tiebreak=t)``: protected slots, then the highest score, then the highest
+    ``t``, then the later slot -- checked against a brute-force sort on rows with many ties."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        K = int(torch.randint(1, 40, (1,), generator=g))
+        scores = torch.randint(0, 3, (2, K), generator=g).float()
+        tb = torch.randint(0, 3, (2, K), generator=g).float()
+        keep = int(torch.randint(0, K + 1, (1,), generator=g))
+        sinks = int(torch.randint(0, 3, (1,), generator=g))
+        recent = int(torch.randint(0, 3, (1,), generator=g))
+        got = select(scores, keep, sinks, recent, tiebreak=tb)
+        s_n = min(sinks, keep)
+        r_n = min(recent, keep - s_n)
+        for h in range(2):
+            forced = set(range(s_n)) | set(range(K - r_n, K))
+            rest = sorted((i for i in range(K) if i not in forced),
+                          key=lambda i: (-float(scores[h, i]), -float(tb[h, i]), -i))
+            want = sorted(forced | set(rest[: keep - len(forced)]))
+            assert got[h].tolist() == want, (K, keep, sinks, recent)
+
+
+@pytest.mark.parametrize("name", ["pyramid", "snapkv", "h2o"])
+def test_pool_tiebreak_keeps_the_peak_of_a_cut_plateau(name):
+    """A max-pooled peak is a plateau of ``kernel`` equal scores. When the slots left cut
+    it, ``pool_tiebreak: newest`` keeps the plateau's late edge, away from the peak;
+    ``score`` keeps the peak and its strongest neighbours."""
+    cfg = dict(policy=name, budget=0.25, sinks=0, recent_window=0)
+    newest = get_policy(KVCompressConfig(**cfg))
+    by_score = get_policy(KVCompressConfig(**cfg, pool_tiebreak="score"))
+    assert not newest.pool_tiebreak and by_score.pool_tiebreak
+    assert not get_policy(KVCompressConfig(**cfg, pool_tiebreak="score", **{f"{name}_kernel": 1})).pool_tiebreak
+    acc = torch.full((1, 100), 1e-4)
+    acc[0, 40:45] = torch.tensor([1.0, 0.6, 0.5, 0.4, 0.3])  # a number: first digit strongest
+    kept_new, _ = compress_step(newest, acc, 5, 5)
+    kept_score, _ = compress_step(by_score, acc, 5, 5)
+    assert kept_score[0].tolist() == [40, 41, 42, 43, 44]
+    assert kept_new[0].tolist() == [46, 47, 48, 49, 50]  # the plateau's tail: no digit kept
+    toks = select_tokens(by_score, acc[None], 5, 5)  # the last token is always computed
+    assert toks[0].tolist() == [40, 41, 42, 43, 99]

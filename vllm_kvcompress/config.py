@@ -51,6 +51,7 @@ SCHEDULE_NAMES: tuple[str, ...] = ("uniform", "pyramidinfer-cosine", "pyramidinf
 POOLING_NAMES: tuple[str, ...] = ("avg", "max")
 #: when a prompt prefilled in several chunks is compressed (``prompt_compaction``)
 PROMPT_COMPACTION_NAMES: tuple[str, ...] = ("once", "per-chunk")
+POOL_TIEBREAK_NAMES: tuple[str, ...] = ("newest", "score")
 
 #: schedule used when ``schedule`` is None
 DEFAULT_SCHEDULE: dict[str, str] = {
@@ -151,6 +152,13 @@ class KVCompressConfig:
     h2o_window_weight: float = 1.0
     #: h2o policy: max-pool kernel of the scores along keys, odd (1 = the reference's per-token ranking)
     h2o_kernel: int = 21
+    #: pyramid / snapkv / h2o: the pooling kernel narrows where a layer has few selectable slots
+    #: (budget - sinks - recent window), to the largest odd width at which this many spans fit
+    #: them; 0 = the configured kernel everywhere (docs/policies.md, pooling)
+    pool_min_spans: int = 0
+    #: pyramid / snapkv / h2o: how slots tied on the pooled score are ranked: "newest" (the
+    #: later slot wins) or "score" (the slot's own score before pooling, then the later slot)
+    pool_tiebreak: str = "newest"
     #: false: a layer never evicts once its prompt is computed: it keeps the prompt's compressed
     #: cache plus every generated token, so a request's pages grow by one token per layer per
     #: generated token (the SnapKV reference; see docs/policies.md). true: generated tokens are
@@ -184,11 +192,12 @@ class KVCompressConfig:
         """Coerce integral floats (e.g. from JSON/YAML) for integer options; check types."""
         set_ = object.__setattr__
         for name in ("compress_interval", "min_layer_budget", "num_stages", "snapkv_window", "snapkv_kernel",
-                     "pyramid_kernel", "pyramid_window", "h2o_window", "h2o_kernel", "prefill_drop_from"):
+                     "pyramid_kernel", "pyramid_window", "h2o_window", "h2o_kernel", "prefill_drop_from",
+                     "pool_min_spans"):
             set_(self, name, _as_int(name, getattr(self, name), optional=False))
         for name in ("recent_window", "sinks"):
             set_(self, name, _as_int(name, getattr(self, name), optional=True))
-        for name in ("policy", "snapkv_pooling", "prompt_compaction"):
+        for name in ("policy", "snapkv_pooling", "prompt_compaction", "pool_tiebreak"):
             v = getattr(self, name)
             if not isinstance(v, str):
                 raise _err(name, f"must be a string, got {v!r}")
@@ -241,6 +250,10 @@ class KVCompressConfig:
             v = getattr(self, name)
             if v < 1:
                 raise _err(name, f"must be an integer >= 1, got {v}")
+        if self.pool_tiebreak not in POOL_TIEBREAK_NAMES:
+            raise _err("pool_tiebreak", f"unknown value {self.pool_tiebreak!r}; allowed: {_allowed(POOL_TIEBREAK_NAMES)}")
+        if self.pool_min_spans < 0:
+            raise _err("pool_min_spans", f"must be an integer >= 0 (0 = never narrow the pooling kernel), got {self.pool_min_spans}")
         if self.pyramid_window < 0:
             raise _err("pyramid_window", f"must be an integer >= 0 (0 = obs_window_ratio of the context), got {self.pyramid_window}")
         if self.h2o_window_weight < 0:

@@ -42,6 +42,7 @@ __all__ = [
     "ceil_ratio",
     "group_mean",
     "pool_scores",
+    "narrow_kernel",
     "question_window_weights",
     "option_default",
 ]
@@ -77,12 +78,37 @@ def group_mean(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return probs.reshape(*shp[:-3], num_kv_heads, g, shp[-2], shp[-1]).mean(dim=-3)
 
 
-def pool_scores(acc: torch.Tensor, kernel: int, pooling: str = "max",
+def narrow_kernel(kernel: int, room: IntOrTensor | None, min_spans: int) -> IntOrTensor:
+    """The pooling kernel a layer uses when ``room`` of its slots are selectable (its keep
+    count less the sinks and the recent window): ``kernel``, or where fewer than
+    ``min_spans`` kernel-wide spans fit ``room``, the largest odd width at which they do
+    (at least 1). ``min_spans`` 0 or ``room`` None: ``kernel``. Same type as ``room``."""
+    if min_spans <= 0 or kernel <= 1 or room is None:
+        return kernel
+    if isinstance(room, torch.Tensor):
+        k = room.to(torch.long).clamp_min(0) // min_spans
+        return (k - 1 + k % 2).clamp(1, kernel)
+    k = max(int(room), 0) // min_spans
+    return min(max(k - 1 + k % 2, 1), kernel)
+
+
+def _pool(x: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+    K = x.shape[-1]
+    if kernel == 1 or K == 0:
+        return x
+    flat = x.reshape(-1, 1, K)
+    pool = torch.nn.functional.max_pool1d if pooling == "max" else torch.nn.functional.avg_pool1d
+    return pool(flat, kernel_size=kernel, stride=1, padding=kernel // 2).reshape(x.shape)
+
+
+def pool_scores(acc: torch.Tensor, kernel: IntOrTensor, pooling: str = "max",
                 valid_len: IntOrTensor | None = None) -> torch.Tensor:
     """``[..., K]`` scores pooled along keys (stride 1, padding ``kernel // 2``: same length).
 
     Slots at or beyond ``valid_len`` are zeroed first. ``avg`` counts the zero padding
     at the edges (``avg_pool1d``'s ``count_include_pad``, as in the SnapKV reference).
+    ``kernel``: an odd int, or a LongTensor of the batch shape (``acc.shape[:-2]``, one
+    kernel per row, :func:`narrow_kernel`).
     """
     x = acc.to(torch.float32)
     K = x.shape[-1]
@@ -90,11 +116,16 @@ def pool_scores(acc: torch.Tensor, kernel: int, pooling: str = "max",
         vl = torch.as_tensor(valid_len, device=x.device)
         vl = vl[..., None, None] if vl.dim() else vl
         x = x.masked_fill(torch.arange(K, device=x.device) >= vl, 0.0)
-    if kernel == 1 or K == 0:
-        return x
-    flat = x.reshape(-1, 1, K)
-    pool = torch.nn.functional.max_pool1d if pooling == "max" else torch.nn.functional.avg_pool1d
-    return pool(flat, kernel_size=kernel, stride=1, padding=kernel // 2).reshape(x.shape)
+    if not isinstance(kernel, torch.Tensor):
+        return _pool(x, int(kernel), pooling)
+    widths = [int(k) for k in torch.unique(kernel).tolist()]
+    if len(widths) == 1:
+        return _pool(x, widths[0], pooling)
+    per_row = kernel.to(x.device).reshape(*x.shape[:-2], 1, 1)
+    out = x
+    for k in widths:
+        out = torch.where(per_row == k, _pool(x, k, pooling), out)
+    return out
 
 
 def question_window_weights(chunk_start: int, chunk_len: int, prompt_len: int, window: int,
@@ -148,12 +179,21 @@ def selectable_scores(acc: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, 
     return acc.to(torch.float32).masked_fill(forced, 0.0)
 
 
+def selectable_room(acc: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, recent: IntOrTensor,
+                    valid_len: IntOrTensor | None = None) -> torch.Tensor:
+    """LongTensor (batch shape ``acc.shape[:-2]``): the slots :func:`select` fills by score
+    per row, its keep count less the protected slots (sinks, recent window) it holds."""
+    _, forced, n_keep = _protected(acc, keep, sinks, recent, valid_len)
+    return (n_keep - forced[..., 0, :].sum(-1)).clamp_min(0)
+
+
 def select(
     scores: torch.Tensor,
     keep: IntOrTensor,
     sinks: IntOrTensor,
     recent: IntOrTensor,
     valid_len: IntOrTensor | None = None,
+    tiebreak: torch.Tensor | None = None,
 ) -> torch.LongTensor:
     """Slots to keep, ascending, per KV head.
 
@@ -163,8 +203,9 @@ def select(
     or beyond ``valid_len`` are never selected.
 
     Always keeps the first ``sinks`` and the last ``recent`` valid slots (clipped
-    so they fit in ``keep``), then the highest scores; equal scores: the more
-    recent slot wins. Returns ``[..., H_kv, max(min(keep, valid_len))]`` ascending;
+    so they fit in ``keep``), then the highest scores; equal scores: the higher
+    ``tiebreak`` (same shape as ``scores``, e.g. the scores before pooling) if given,
+    then the more recent slot. Returns ``[..., H_kv, max(min(keep, valid_len))]`` ascending;
     in rows that keep fewer, the trailing entries are ``-1``.
     """
     if scores.dim() < 2:
@@ -176,7 +217,12 @@ def select(
     key = scores.to(torch.float32).masked_fill(forced, math.inf).masked_fill(~valid, -math.inf)
 
     # stable descending sort on the reversed slot order => on ties the larger slot comes first
-    order = torch.sort(key.flip(-1), dim=-1, descending=True, stable=True).indices
+    rev = key.flip(-1)
+    if tiebreak is None:
+        order = torch.sort(rev, dim=-1, descending=True, stable=True).indices
+    else:  # lexicographic: key, then tiebreak, then the larger slot (two stable sorts)
+        first = torch.sort(tiebreak.to(torch.float32).flip(-1), dim=-1, descending=True, stable=True).indices
+        order = first.gather(-1, torch.sort(rev.gather(-1, first), dim=-1, descending=True, stable=True).indices)
     top = (K - 1) - order[..., :out_k]
     rank = torch.arange(out_k, device=dev)
     drop = rank >= n_keep[..., None, None]
@@ -293,8 +339,16 @@ class BasePolicy:
             contrib = contrib * key_mask[..., None, :].to(contrib.dtype)
         return acc + contrib
 
-    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None) -> torch.Tensor:
-        """[..., H_kv, K] ranking scores from the accumulated ones (identity by default)."""
+    @property
+    def pool_tiebreak(self) -> bool:
+        """Whether slots tied on :meth:`score` are ranked by their own (unpooled) scores
+        before recency (pooling policies with ``pool_tiebreak: score``)."""
+        return False
+
+    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None,
+              room: IntOrTensor | None = None) -> torch.Tensor:
+        """[..., H_kv, K] ranking scores from the accumulated ones (identity by default).
+        ``room``: selectable slots per row (batch shape), for :func:`narrow_kernel`."""
         return acc
 
 
@@ -314,8 +368,10 @@ def compress_step(
     padded entries of ``new_acc`` are 0.
     """
     sinks, recent = policy.sinks_recent(budget, acc.shape[-1] if valid_len is None else valid_len)
-    scores = policy.score(selectable_scores(acc, keep, sinks, recent, valid_len), valid_len)
-    kept = select(scores, keep, sinks, recent, valid_len)
+    room = selectable_room(acc, keep, sinks, recent, valid_len)
+    own = selectable_scores(acc, keep, sinks, recent, valid_len)
+    scores = policy.score(own, valid_len, room)
+    kept = select(scores, keep, sinks, recent, valid_len, tiebreak=own if policy.pool_tiebreak else None)
     if policy.resets_scores:
         new_acc = torch.zeros(kept.shape, dtype=torch.float32, device=acc.device)
     else:
@@ -344,9 +400,11 @@ def select_tokens(
         recent = recent.clamp_min(1)
     else:
         recent = max(int(recent), 1)
+    room = selectable_room(acc, keep, sinks, recent, valid_len)
     acc = selectable_scores(acc, keep, sinks, recent, valid_len)
-    scores = policy.score(acc, valid_len).to(torch.float32).mean(dim=-2, keepdim=True)
-    return select(scores, keep, sinks, recent, valid_len)[..., 0, :]
+    scores = policy.score(acc, valid_len, room).to(torch.float32).mean(dim=-2, keepdim=True)
+    own = acc.mean(dim=-2, keepdim=True) if policy.pool_tiebreak else None
+    return select(scores, keep, sinks, recent, valid_len, tiebreak=own)[..., 0, :]
 
 
 @dataclass(frozen=True)

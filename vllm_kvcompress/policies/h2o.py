@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 
 from ..config import DEFAULT_SINKS
-from .base import BasePolicy, IntOrTensor, option_default, pool_scores, question_window_weights
+from .base import BasePolicy, IntOrTensor, narrow_kernel, option_default, pool_scores, question_window_weights
 
 __all__ = ["H2OPolicy"]
 
@@ -51,14 +51,23 @@ class H2OPolicy(BasePolicy):
     window_weight: float = option_default("h2o_window_weight")
     #: max-pool kernel of the scores along keys (odd; 1 = the reference's per-token ranking)
     kernel: int = option_default("h2o_kernel")
+    #: pooling narrows to fit this many spans in the selectable slots (0: never; ``narrow_kernel``)
+    min_spans: int = option_default("pool_min_spans")
+    #: pooled-score ties: "newest" or "score" (the unpooled score first; ``pool_tiebreak``)
+    tiebreak: str = option_default("pool_tiebreak")
 
     @classmethod
     def from_config(cls, cfg) -> "H2OPolicy":
         return cls(sinks=cfg.sinks, recent_window=cfg.recent_window, window=cfg.h2o_window,
-                   window_weight=cfg.h2o_window_weight, kernel=cfg.h2o_kernel)
+                   window_weight=cfg.h2o_window_weight, kernel=cfg.h2o_kernel, min_spans=cfg.pool_min_spans,
+                   tiebreak=cfg.pool_tiebreak)
 
     def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         return budget // 2
+
+    @property
+    def pool_tiebreak(self) -> bool:
+        return self.tiebreak == "score" and self.kernel > 1
 
     def voting_window(self, prompt_len: int) -> int:
         # every prompt query votes; the question window votes twice. A prefix hit keeps the
@@ -72,7 +81,8 @@ class H2OPolicy(BasePolicy):
             w += question_window_weights(chunk_start, chunk_len, int(prompt_len), self.window, self.window_weight)
         return w
 
-    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None) -> torch.Tensor:
+    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None,
+              room: IntOrTensor | None = None) -> torch.Tensor:
         if self.kernel == 1:
             return acc
-        return pool_scores(acc, self.kernel, "max", valid_len)
+        return pool_scores(acc, narrow_kernel(self.kernel, room, self.min_spans), "max", valid_len)

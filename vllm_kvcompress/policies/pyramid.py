@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from ..config import DEFAULT_SINKS
-from .base import BasePolicy, IntOrTensor, ceil_ratio, option_default, pool_scores
+from .base import BasePolicy, IntOrTensor, ceil_ratio, narrow_kernel, option_default, pool_scores
 
 __all__ = ["PyramidInferPolicy"]
 
@@ -64,17 +64,26 @@ class PyramidInferPolicy(BasePolicy):
     obs_window_ratio: float = option_default("obs_window_ratio")
     #: max-pool kernel of the scores along keys (odd; 1 = the reference's per-token ranking)
     kernel: int = option_default("pyramid_kernel")
+    #: pooling narrows to fit this many spans in the selectable slots (0: never; ``narrow_kernel``)
+    min_spans: int = option_default("pool_min_spans")
+    #: pooled-score ties: "newest" or "score" (the unpooled score first; ``pool_tiebreak``)
+    tiebreak: str = option_default("pool_tiebreak")
     #: restart kept tokens' scores from 0 after each compaction (false: votes carry over)
     reset_scores: bool = option_default("reset_scores")
 
     @classmethod
     def from_config(cls, cfg) -> "PyramidInferPolicy":
         return cls(sinks=cfg.sinks, recent_window=cfg.recent_window, obs_window=cfg.pyramid_window,
-                   obs_window_ratio=cfg.obs_window_ratio, kernel=cfg.pyramid_kernel, reset_scores=cfg.reset_scores)
+                   obs_window_ratio=cfg.obs_window_ratio, kernel=cfg.pyramid_kernel, reset_scores=cfg.reset_scores,
+                   min_spans=cfg.pool_min_spans, tiebreak=cfg.pool_tiebreak)
 
     @property
     def resets_scores(self) -> bool:
         return self.reset_scores
+
+    @property
+    def pool_tiebreak(self) -> bool:
+        return self.tiebreak == "score" and self.kernel > 1
 
     def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         if self.obs_window:
@@ -104,7 +113,8 @@ class PyramidInferPolicy(BasePolicy):
         w = torch.where(pos >= lo, w, torch.zeros_like(w))
         return w.to(torch.float32)
 
-    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None) -> torch.Tensor:
+    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None,
+              room: IntOrTensor | None = None) -> torch.Tensor:
         if self.kernel == 1:  # the reference: per-token scores
             return acc
-        return pool_scores(acc, self.kernel, "max", valid_len)
+        return pool_scores(acc, narrow_kernel(self.kernel, room, self.min_spans), "max", valid_len)

@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 
 from ..config import DEFAULT_SINKS
-from .base import BasePolicy, IntOrTensor, option_default, pool_scores
+from .base import BasePolicy, IntOrTensor, narrow_kernel, option_default, pool_scores
 
 __all__ = ["SnapKVPolicy"]
 
@@ -48,6 +48,10 @@ class SnapKVPolicy(BasePolicy):
 
     window: int = option_default("snapkv_window")
     kernel: int = option_default("snapkv_kernel")
+    #: pooling narrows to fit this many spans in the selectable slots (0: never; ``narrow_kernel``)
+    min_spans: int = option_default("pool_min_spans")
+    #: pooled-score ties: "newest" or "score" (the unpooled score first; ``pool_tiebreak``)
+    tiebreak: str = option_default("pool_tiebreak")
     pooling: str = option_default("snapkv_pooling")
     reset_scores: bool = option_default("reset_scores")
 
@@ -58,6 +62,8 @@ class SnapKVPolicy(BasePolicy):
             recent_window=cfg.recent_window,
             window=cfg.snapkv_window,
             kernel=cfg.snapkv_kernel,
+            min_spans=cfg.pool_min_spans,
+            tiebreak=cfg.pool_tiebreak,
             pooling=cfg.snapkv_pooling,
             reset_scores=cfg.reset_scores,
         )
@@ -65,6 +71,10 @@ class SnapKVPolicy(BasePolicy):
     @property
     def resets_scores(self) -> bool:
         return self.reset_scores
+
+    @property
+    def pool_tiebreak(self) -> bool:
+        return self.tiebreak == "score" and self.kernel > 1
 
     def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         return self.window
@@ -79,5 +89,6 @@ class SnapKVPolicy(BasePolicy):
         pos = torch.arange(chunk_start, chunk_start + chunk_len)
         return (pos >= end - self.window).to(torch.float32)
 
-    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None) -> torch.Tensor:
-        return pool_scores(acc, self.kernel, self.pooling, valid_len)
+    def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None,
+              room: IntOrTensor | None = None) -> torch.Tensor:
+        return pool_scores(acc, narrow_kernel(self.kernel, room, self.min_spans), self.pooling, valid_len)

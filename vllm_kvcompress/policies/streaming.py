@@ -35,5 +35,5 @@ class StreamingLLMPolicy(BasePolicy):
     def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         return torch.zeros(chunk_len, dtype=torch.float32)
 
-    def score(self, acc, valid_len=None):
+    def score(self, acc, valid_len=None, room=None):
         return torch.zeros_like(acc, dtype=torch.float32)
