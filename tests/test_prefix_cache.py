@@ -83,8 +83,16 @@ def test_prefix_hits_give_the_tokens_of_a_cold_cache(model_dir, shared_prompts, 
             _check_pins(llm, shared_prompts[2])
         # all four at once: a hit never reaches pages cached in the same step (not yet written)
         assert llm.reset_prefix_cache()
+        from vllm_kvcompress.integration.metrics import _tracker
+
+        track = _tracker(sched)
+        before = dict(track.lookup_cuts, hit=track.cached_tokens)
         together = llm.generate(shared_prompts, greedy())
         assert sum(o.num_cached_tokens for o in together) > 0
+        # the stats file's breakdown: what the lookups found = what was hit + what each cut took
+        d = {k: v - before[k] for k, v in dict(track.lookup_cuts, hit=track.cached_tokens).items()}
+        assert d["hit"] == sum(o.num_cached_tokens for o in together), d
+        assert d["found"] == d["hit"] + d["voting_window"] + d["same_step"] + d["pool"] >= d["hit"], d
         if policy != "h2o":
             assert _tokens(together) == cold
         assert pool.get_num_free_blocks() == free0  # every page back (cached ones are free)

@@ -35,7 +35,7 @@ import time
 
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
-from vllm_kvcompress.integration.prefix_cache import LOOKUP_HITS
+from vllm_kvcompress.integration.prefix_cache import LOOKUP_CUTS, LOOKUP_HITS
 
 PREFIX = "kvcompress:"
 STATS_FILE_ENV = "VLLM_KVCOMPRESS_STATS_FILE"
@@ -68,6 +68,8 @@ class _Tracker:
         self.running_ids: set[str] = set()
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        # what the lookups of those requests found and what the plugin's cuts took off it
+        self.lookup_cuts: dict[str, int] = {"found": 0, "voting_window": 0, "same_step": 0, "pool": 0}
 
     def step(self, scheduler) -> None:
         ids = set()
@@ -76,6 +78,8 @@ class _Tracker:
             if req.request_id not in self.running_ids:
                 self.prompt_tokens += req.num_prompt_tokens
                 self.cached_tokens += LOOKUP_HITS.pop(req.request_id, 0)
+                for k, v in LOOKUP_CUTS.pop(req.request_id, {}).items():
+                    self.lookup_cuts[k] += v
         self.running_ids = ids
         running = len(scheduler.running)
         if running == 0:
@@ -105,6 +109,8 @@ class _Tracker:
             "prompt_tokens": self.prompt_tokens,
             "prefix_cache_hit_tokens": self.cached_tokens,
             "prefix_cache_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "prefix_cache_found_tokens": self.lookup_cuts["found"],
+            "prefix_cache_cut_tokens": {k: v for k, v in self.lookup_cuts.items() if k != "found"},
             "copied_pages": sum(m.cow_pages for m in mgrs),
             "saved_pages": sum(m.saved_pages for m in mgrs),
             "seconds": time.time() - self.started,

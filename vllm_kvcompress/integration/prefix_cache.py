@@ -29,6 +29,11 @@ from vllm_kvcompress.integration.common import patch_method
 #: request id -> tokens its last lookup took from the cache (``metrics`` reads it when the
 #: request starts running; vLLM's Request keeps no such count once its first output is out)
 LOOKUP_HITS: dict[str, int] = {}
+#: request id -> what its last lookup lost to each cut, in tokens: ``found`` (the hit vLLM's
+#: lookup returned) and the tokens cut by ``voting_window`` (``hit_limit``), ``same_step`` (pages
+#: cached during this step) and ``pool`` (the hit and its copies must fit the pool); ``metrics``
+#: sums them for the stats file
+LOOKUP_CUTS: dict[str, dict[str, int]] = {}
 
 
 def _compressed_managers(kv_cache_manager):
@@ -61,12 +66,17 @@ def _cut(kv_cache_manager, blocks, num_tokens: int, request):
     first page cached during this step."""
     managers = _compressed_managers(kv_cache_manager)
     bs = max(m.block_size for _, m in managers)
+    cuts = LOOKUP_CUTS[request.request_id] = {"found": num_tokens}
     n = min(num_tokens, max(hit_limit(kv_cache_manager, request), 0)) // bs
+    cuts["voting_window"] = num_tokens - n * bs
+    n_limit = n
     for g, m in managers:
         for i, b in enumerate(blocks.blocks[g][:n]):
             if b.block_id in m.fresh:
                 n = i
                 break
+    cuts["same_step"] = (n_limit - n) * bs
+    n_fresh = n
     # a hit copies its pages: admission asks for the cached pages and their copies. Cut it to
     # what the whole pool could give, so a request alone is always admitted (vLLM would
     # otherwise keep it waiting for pages that never come)
@@ -74,6 +84,7 @@ def _cut(kv_cache_manager, blocks, num_tokens: int, request):
     base = sum(m.admission_pages(request) for _, m in managers)
     copying = sum(1 for _, m in managers if m.may_evict(request))
     n = max(0, min(n, (capacity - base) // copying)) if copying else n
+    cuts["pool"] = (n_fresh - n) * bs
     if n * bs == num_tokens:
         return blocks, num_tokens
     tokens = n * bs
@@ -96,6 +107,7 @@ def apply() -> None:
 
             HITS.pop(request.request_id, None)
             blocks, num_tokens, boundary = original(self, request)
+            LOOKUP_CUTS[request.request_id] = {"found": num_tokens}
             if num_tokens and may_evict(self, request):
                 blocks, num_tokens = _cut(self, blocks, num_tokens, request)
                 if num_tokens:
