@@ -61,12 +61,11 @@ def hit_limit(kv_cache_manager, request) -> int:
     return limit
 
 
-def _cut(kv_cache_manager, blocks, num_tokens: int, request):
+def _cut(kv_cache_manager, blocks, num_tokens: int, request, cuts: dict[str, int]):
     """(blocks, tokens) of the hit cut to whole pages below the request's limit and before the
-    first page cached during this step."""
+    first page cached during this step; the tokens each cut took go into ``cuts``."""
     managers = _compressed_managers(kv_cache_manager)
     bs = max(m.block_size for _, m in managers)
-    cuts = LOOKUP_CUTS[request.request_id] = {"found": num_tokens}
     n = min(num_tokens, max(hit_limit(kv_cache_manager, request), 0)) // bs
     cuts["voting_window"] = num_tokens - n * bs
     n_limit = n
@@ -107,9 +106,9 @@ def apply() -> None:
 
             HITS.pop(request.request_id, None)
             blocks, num_tokens, boundary = original(self, request)
-            LOOKUP_CUTS[request.request_id] = {"found": num_tokens}
+            cuts = LOOKUP_CUTS[request.request_id] = {"found": num_tokens}
             if num_tokens and may_evict(self, request):
-                blocks, num_tokens = _cut(self, blocks, num_tokens, request)
+                blocks, num_tokens = _cut(self, blocks, num_tokens, request, cuts)
                 if num_tokens:
                     HITS[request.request_id] = request
                 else:

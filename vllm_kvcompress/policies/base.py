@@ -43,6 +43,7 @@ __all__ = [
     "group_mean",
     "pool_scores",
     "narrow_kernel",
+    "PooledPolicy",
     "question_window_weights",
     "option_default",
 ]
@@ -175,16 +176,17 @@ def selectable_scores(acc: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, 
     the window's strongly local votes and a sink's huge score would otherwise spill onto
     the slots beside them. The SnapKV, KVCache-Factory and kvpress references pool the
     selectable prefix only; zeros are what ``avg`` pooling's padding counts there too."""
-    _, forced, _ = _protected(acc, keep, sinks, recent, valid_len)
-    return acc.to(torch.float32).masked_fill(forced, 0.0)
+    return _selectable(acc, keep, sinks, recent, valid_len)[0]
 
 
-def selectable_room(acc: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, recent: IntOrTensor,
-                    valid_len: IntOrTensor | None = None) -> torch.Tensor:
-    """LongTensor (batch shape ``acc.shape[:-2]``): the slots :func:`select` fills by score
-    per row, its keep count less the protected slots (sinks, recent window) it holds."""
+def _selectable(acc: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, recent: IntOrTensor,
+                valid_len: IntOrTensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`selectable_scores`, room): room is a LongTensor of the batch shape
+    (``acc.shape[:-2]``), the slots :func:`select` fills by score per row, its keep count
+    less the protected slots it holds."""
     _, forced, n_keep = _protected(acc, keep, sinks, recent, valid_len)
-    return (n_keep - forced[..., 0, :].sum(-1)).clamp_min(0)
+    room = (n_keep - forced[..., 0, :].sum(-1)).clamp_min(0)
+    return acc.to(torch.float32).masked_fill(forced, 0.0), room
 
 
 def select(
@@ -353,6 +355,26 @@ class BasePolicy:
 
 
 
+@dataclass(frozen=True)
+class PooledPolicy(BasePolicy):
+    """A policy whose scores are pooled along keys before the top-k (PyramidInfer, SnapKV,
+    H2O here): a subclass sets ``kernel`` (its own option) and calls :meth:`pool`."""
+
+    #: pooling narrows to fit this many spans in the selectable slots (0: never; ``narrow_kernel``)
+    min_spans: int = option_default("pool_min_spans")
+    #: pooled-score ties: "newest" or "score" (the unpooled score first; ``pool_tiebreak``)
+    tiebreak: str = option_default("pool_tiebreak")
+
+    @property
+    def pool_tiebreak(self) -> bool:
+        return self.tiebreak == "score" and self.kernel > 1
+
+    def pool(self, acc: torch.Tensor, valid_len: IntOrTensor | None, room: IntOrTensor | None,
+             pooling: str = "max") -> torch.Tensor:
+        """``acc`` pooled with ``kernel``, narrowed to the row's ``room`` (:func:`narrow_kernel`)."""
+        return pool_scores(acc, narrow_kernel(self.kernel, room, self.min_spans), pooling, valid_len)
+
+
 def compress_step(
     policy: BasePolicy,
     acc: torch.Tensor,
@@ -368,8 +390,7 @@ def compress_step(
     padded entries of ``new_acc`` are 0.
     """
     sinks, recent = policy.sinks_recent(budget, acc.shape[-1] if valid_len is None else valid_len)
-    room = selectable_room(acc, keep, sinks, recent, valid_len)
-    own = selectable_scores(acc, keep, sinks, recent, valid_len)
+    own, room = _selectable(acc, keep, sinks, recent, valid_len)
     scores = policy.score(own, valid_len, room)
     kept = select(scores, keep, sinks, recent, valid_len, tiebreak=own if policy.pool_tiebreak else None)
     if policy.resets_scores:
@@ -400,8 +421,7 @@ def select_tokens(
         recent = recent.clamp_min(1)
     else:
         recent = max(int(recent), 1)
-    room = selectable_room(acc, keep, sinks, recent, valid_len)
-    acc = selectable_scores(acc, keep, sinks, recent, valid_len)
+    acc, room = _selectable(acc, keep, sinks, recent, valid_len)
     scores = policy.score(acc, valid_len, room).to(torch.float32).mean(dim=-2, keepdim=True)
     own = acc.mean(dim=-2, keepdim=True) if policy.pool_tiebreak else None
     return select(scores, keep, sinks, recent, valid_len, tiebreak=own)[..., 0, :]

@@ -26,13 +26,13 @@ from typing import ClassVar
 import torch
 
 from ..config import DEFAULT_SINKS
-from .base import BasePolicy, IntOrTensor, narrow_kernel, option_default, pool_scores, question_window_weights
+from .base import IntOrTensor, PooledPolicy, option_default, question_window_weights
 
 __all__ = ["H2OPolicy"]
 
 
 @dataclass(frozen=True)
-class H2OPolicy(BasePolicy):
+class H2OPolicy(PooledPolicy):
     """Every query (prefill and decode) weighs 1, the last ``window`` prompt queries
     ``1 + window_weight * (P - W) / W`` (``W = min(window, P)``); scores accumulate for a
     token's lifetime.
@@ -51,10 +51,6 @@ class H2OPolicy(BasePolicy):
     window_weight: float = option_default("h2o_window_weight")
     #: max-pool kernel of the scores along keys (odd; 1 = the reference's per-token ranking)
     kernel: int = option_default("h2o_kernel")
-    #: pooling narrows to fit this many spans in the selectable slots (0: never; ``narrow_kernel``)
-    min_spans: int = option_default("pool_min_spans")
-    #: pooled-score ties: "newest" or "score" (the unpooled score first; ``pool_tiebreak``)
-    tiebreak: str = option_default("pool_tiebreak")
 
     @classmethod
     def from_config(cls, cfg) -> "H2OPolicy":
@@ -64,10 +60,6 @@ class H2OPolicy(BasePolicy):
 
     def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         return budget // 2
-
-    @property
-    def pool_tiebreak(self) -> bool:
-        return self.tiebreak == "score" and self.kernel > 1
 
     def voting_window(self, prompt_len: int) -> int:
         # every prompt query votes; the question window votes twice. A prefix hit keeps the
@@ -85,4 +77,4 @@ class H2OPolicy(BasePolicy):
               room: IntOrTensor | None = None) -> torch.Tensor:
         if self.kernel == 1:
             return acc
-        return pool_scores(acc, narrow_kernel(self.kernel, room, self.min_spans), "max", valid_len)
+        return self.pool(acc, valid_len, room)

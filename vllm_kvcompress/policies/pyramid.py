@@ -38,13 +38,13 @@ from typing import ClassVar
 import torch
 
 from ..config import DEFAULT_SINKS
-from .base import BasePolicy, IntOrTensor, ceil_ratio, narrow_kernel, option_default, pool_scores
+from .base import IntOrTensor, PooledPolicy, ceil_ratio, option_default
 
 __all__ = ["PyramidInferPolicy"]
 
 
 @dataclass(frozen=True)
-class PyramidInferPolicy(BasePolicy):
+class PyramidInferPolicy(PooledPolicy):
     """Prefill: the observation window (last ``W(C)`` positions of the prompt, or with
     ``whole_prompt`` False of the context computed so far, clipped to this chunk) weighs
     1.0 (oldest) .. 1.2 (newest), other queries 0;
@@ -64,10 +64,6 @@ class PyramidInferPolicy(BasePolicy):
     obs_window_ratio: float = option_default("obs_window_ratio")
     #: max-pool kernel of the scores along keys (odd; 1 = the reference's per-token ranking)
     kernel: int = option_default("pyramid_kernel")
-    #: pooling narrows to fit this many spans in the selectable slots (0: never; ``narrow_kernel``)
-    min_spans: int = option_default("pool_min_spans")
-    #: pooled-score ties: "newest" or "score" (the unpooled score first; ``pool_tiebreak``)
-    tiebreak: str = option_default("pool_tiebreak")
     #: restart kept tokens' scores from 0 after each compaction (false: votes carry over)
     reset_scores: bool = option_default("reset_scores")
 
@@ -80,10 +76,6 @@ class PyramidInferPolicy(BasePolicy):
     @property
     def resets_scores(self) -> bool:
         return self.reset_scores
-
-    @property
-    def pool_tiebreak(self) -> bool:
-        return self.tiebreak == "score" and self.kernel > 1
 
     def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         if self.obs_window:
@@ -117,4 +109,4 @@ class PyramidInferPolicy(BasePolicy):
               room: IntOrTensor | None = None) -> torch.Tensor:
         if self.kernel == 1:  # the reference: per-token scores
             return acc
-        return pool_scores(acc, narrow_kernel(self.kernel, room, self.min_spans), "max", valid_len)
+        return self.pool(acc, valid_len, room)

@@ -30,13 +30,13 @@ from typing import ClassVar
 import torch
 
 from ..config import DEFAULT_SINKS
-from .base import BasePolicy, IntOrTensor, narrow_kernel, option_default, pool_scores
+from .base import IntOrTensor, PooledPolicy, option_default
 
 __all__ = ["SnapKVPolicy"]
 
 
 @dataclass(frozen=True)
-class SnapKVPolicy(BasePolicy):
+class SnapKVPolicy(PooledPolicy):
     """Prefill: the last ``window`` queries of the prompt (with ``whole_prompt`` False: of
     each chunk) weigh 1, the others 0;
     decode: every query weighs 1. Scores are pooled along keys; with
@@ -48,10 +48,6 @@ class SnapKVPolicy(BasePolicy):
 
     window: int = option_default("snapkv_window")
     kernel: int = option_default("snapkv_kernel")
-    #: pooling narrows to fit this many spans in the selectable slots (0: never; ``narrow_kernel``)
-    min_spans: int = option_default("pool_min_spans")
-    #: pooled-score ties: "newest" or "score" (the unpooled score first; ``pool_tiebreak``)
-    tiebreak: str = option_default("pool_tiebreak")
     pooling: str = option_default("snapkv_pooling")
     reset_scores: bool = option_default("reset_scores")
 
@@ -72,10 +68,6 @@ class SnapKVPolicy(BasePolicy):
     def resets_scores(self) -> bool:
         return self.reset_scores
 
-    @property
-    def pool_tiebreak(self) -> bool:
-        return self.tiebreak == "score" and self.kernel > 1
-
     def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         return self.window
 
@@ -91,4 +83,4 @@ class SnapKVPolicy(BasePolicy):
 
     def score(self, acc: torch.Tensor, valid_len: IntOrTensor | None = None,
               room: IntOrTensor | None = None) -> torch.Tensor:
-        return pool_scores(acc, narrow_kernel(self.kernel, room, self.min_spans), self.pooling, valid_len)
+        return self.pool(acc, valid_len, room, self.pooling)
