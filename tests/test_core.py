@@ -169,6 +169,7 @@ def test_evicting_requests_copy_cached_pages(h2o_llm, essay_prompts):
     free0 = kvm.block_pool.get_num_free_blocks()
     managers = kvm.coordinator.single_type_managers
     cow0 = sum(m.cow_pages for m in managers)
+    inplace0 = sum(m.inplace_pages for m in managers)
     prompt = essay_prompts["long"][:1]
     assert h2o_llm.reset_prefix_cache()
     first = h2o_llm.generate(prompt, greedy())
@@ -177,7 +178,14 @@ def test_evicting_requests_copy_cached_pages(h2o_llm, essay_prompts):
     assert second[0].num_cached_tokens >= 1024  # the prompt minus H2O's question window
     assert len(kvm.block_pool.cached_block_hash_to_block) > 0
     hit_pages = second[0].num_cached_tokens // managers[0].block_size
-    assert sum(m.cow_pages for m in managers) - cow0 == hit_pages * len(managers)
+    copied = sum(m.cow_pages for m in managers) - cow0
+    inplace = sum(m.inplace_pages for m in managers) - inplace0
+    assert copied + inplace == hit_pages * len(managers)
+    # only the entries its compacted window rewrites are copied; the pages before them are read in place
+    P = len(second[0].prompt_token_ids)
+    want = sum(max(0, hit_pages - paging.window_start(P, m.budget(P), m.interval, m.block_size,
+                                                       **m.retention_args(P))) for m in managers)
+    assert copied == want and inplace > 0, (copied, want, inplace)
     assert kvm.block_pool.get_num_free_blocks() == free0
 
 

@@ -327,14 +327,15 @@ def test_chunked_prompt_matches_oracle(kv, model_dir, hf_model, prompt_ids, monk
         if cfg.shares_prefix_cache and cfg.policy != "h2o":
             # the same prompt again hits the pages the first run cached (copy on hit, issue #29;
             # H2O's cached prefix votes are not recomputed: docs/serving.md): same positions, same tokens
-            copied = sum(m.cow_pages for m in managers)
+            copied = sum(m.cow_pages + m.inplace_pages for m in managers)
             eng.add_request("again", TokensPrompt(prompt_token_ids=ids),
                             SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True))
             again = next(r for k, r in sched.requests.items() if k.startswith("again"))
             while again.num_computed_tokens < len(ids):
                 eng.step()
-            hit = (sum(m.cow_pages for m in managers) - copied) // len(managers) * managers[0].block_size
-            assert hit >= len(ids) - chunk, hit  # the cached pages it copied instead of computing
+            hit = ((sum(m.cow_pages + m.inplace_pages for m in managers) - copied) // len(managers)
+                   * managers[0].block_size)
+            assert hit >= len(ids) - chunk, hit  # the cached pages it copied or read instead of computing
             ours = _retained_positions(llm, again, len(ids), rule)
             exact = sum(int(all(set(ours[layer][h].tolist()) == set(want[h].tolist()) for h in range(want.shape[0])))
                         for layer, want in enumerate(want_kept))

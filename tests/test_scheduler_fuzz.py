@@ -101,7 +101,9 @@ def build_scheduler(env, kv: dict, bs: int, num_blocks: int, prefix_caching: boo
 
 
 @st.composite
-def scenarios(draw):
+def scenarios(draw, sharing: bool = False):
+    """A random request stream; ``sharing``: prefix caching on, prompts compacted once, several
+    requests whose long prompts share a prefix (hits read in place and copied, issue #29)."""
     bs = draw(st.sampled_from([16, 32]))
     policy = draw(st.sampled_from(["h2o", "pyramid", "snapkv", "streaming"]))
     # small token budgets (everything evicts), fractions, large ones (short requests never evict:
@@ -109,22 +111,23 @@ def scenarios(draw):
     budget = draw(st.one_of(st.integers(2 * bs, 200), st.sampled_from([0.25, 0.5, 0.75]), st.integers(300, 600)))
     kv = dict(policy=policy, budget=budget, compress_interval=draw(st.sampled_from([1, 4, 8, 32])),
               min_layer_budget=draw(st.sampled_from([16, 64])),
-              prompt_compaction=draw(st.sampled_from(["once", "per-chunk"])))
+              prompt_compaction="once" if sharing else draw(st.sampled_from(["once", "per-chunk"])))
     if policy == "pyramid":
         kv["num_stages"] = draw(st.sampled_from([1, 3, 6]))
     try:
         cfg = KVCompressConfig.from_dict(kv)
     except ConfigError:
         cfg = None
-    n_req = draw(st.integers(1, 7))
+    n_req = draw(st.integers(3, 7) if sharing else st.integers(1, 7))
     shared = draw(st.lists(st.integers(0, 999), min_size=300, max_size=300))  # a common prompt prefix
     reqs = []
     for i in range(n_req):
-        P = draw(st.one_of(st.integers(1, 40), st.integers(1, 400), st.sampled_from([bs, 2 * bs, 3 * bs + 1]),
-                           st.integers(100, 300)))
+        P = draw(st.integers(100, 400) if sharing else st.one_of(
+            st.integers(1, 40), st.integers(1, 400), st.sampled_from([bs, 2 * bs, 3 * bs + 1]), st.integers(100, 300)))
         T = draw(st.one_of(st.integers(1, 8), st.integers(1, 150)))
         # P - 40: a hit that leaves the voting window (32 queries) to the request
-        prefix = draw(st.sampled_from([0, P // 2, P, min(P, 2 * bs), max(P - 40, 0)]))
+        prefix = draw(st.sampled_from([P // 2, P, max(P - 40, 0)] if sharing else
+                                      [0, P // 2, P, min(P, 2 * bs), max(P - 40, 0)]))
         tail_seed = draw(st.integers(0, 999))
         prompt = shared[:prefix] + [(tail_seed + 31 * k) % 1000 for k in range(P - prefix)]
         kvb = None
@@ -134,10 +137,10 @@ def scenarios(draw):
                 kvb = request_budget(cfg, raw, bs)
             except ConfigError:
                 kvb = None
-        arrive = draw(st.one_of(st.just(0), st.integers(0, 30)))
+        arrive = draw(st.integers(0, 12) if sharing else st.one_of(st.just(0), st.integers(0, 30)))
         abort = arrive + draw(st.integers(0, 60)) if draw(st.integers(0, 4)) == 0 else None
         reqs.append(dict(id=f"r{i}", prompt=prompt, max_tokens=T, kv_budget=kvb, arrive=arrive, abort=abort))
-    return dict(bs=bs, kv=kv, valid=cfg is not None, reqs=reqs, prefix_caching=draw(st.booleans()),
+    return dict(bs=bs, kv=kv, valid=cfg is not None, reqs=reqs, prefix_caching=sharing or draw(st.booleans()),
                 max_batched=draw(st.sampled_from([64, 128, 512])), max_seqs=draw(st.sampled_from([2, 4, 8])),
                 slack=draw(st.one_of(st.just(0), st.integers(0, 8), st.integers(0, 120))))
 
@@ -163,10 +166,25 @@ def _held(blocks) -> int:
     return sum(1 for b in blocks if not b.is_null)
 
 
-@settings(max_examples=150, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(max_examples=150, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
 @given(spec=scenarios())
 def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
+    _run(env, spec)
+
+
+@FUZZ
+@given(spec=scenarios(sharing=True))
+def test_scheduler_holds_exactly_the_predicted_pages_with_shared_prefixes(env, spec):
+    """The same invariants where prefix hits are the rule: pinned hit pages, pages read in place
+    before a prompt's compacted window, copies inside it, one voter per page."""
+    _run(env, spec)
+
+
+def _run(env, spec):
     from vllm import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request, RequestStatus
@@ -230,6 +248,7 @@ def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
 
         # ---- invariants after the step
         held_ids: set[int] = set()
+        voters: dict[int, dict[int, str]] = {}  # group -> page -> the request whose votes fill its scores
         for rid, req in sched.requests.items():
             r = by_id[rid]
             P = len(r["prompt"])
@@ -244,13 +263,21 @@ def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
                 if not running:
                     assert _held(blocks) == 0 and not pins, f"step {step}: waiting request {rid} holds pages"
                     continue
-                assert all(p.ref_cnt >= 1 and p.block_hash is not None and p not in blocks for p in pins), (
-                    f"step {step}: {rid}'s pinned hit pages must stay cached and apart from its own")
-                held_ids.update(p.block_id for p in pins)
                 c, n = last[rid]
                 B = s.budget(P, r["kv_budget"])
                 assert m.budget(P, rid) == B, "REQUEST_BUDGETS does not carry the request's kv_budget"
                 rule = s.compress_config.retention_args(P)
+                # hit pages before the prompt's compacted window are read in place; the window's are copies
+                first = paging.window_start(P, B, interval, bs, **rule)
+                assert all(p.ref_cnt >= 1 and p.block_hash is not None and p not in blocks[first:] for p in pins), (
+                    f"step {step}: {rid}'s pinned hit pages must stay cached and apart from its own")
+                held_ids.update(p.block_id for p in pins)
+                if c < P and P + r["max_tokens"] > B:  # its votes fill its pages' score slots: one voter a page
+                    mine = {b.block_id for b in blocks if not b.is_null}
+                    other = voters.setdefault(id(m), {})
+                    shared = [(o, bid) for bid in mine if (o := other.get(bid)) is not None]
+                    assert not shared, f"step {step}: {rid} votes into pages another request votes into {shared}"
+                    other.update(dict.fromkeys(mine, rid))
                 S = paging.window_start(c, B, interval, bs, **rule)
                 want = paging.live_blocks(c, n, B, interval, bs, **rule)
                 ctx = (f"step {step} {rid} stage {s.kv_stage}: C={c} n={n} B={B} I={interval} bs={bs} "
@@ -278,6 +305,8 @@ def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
     event(f"preempted and resumed: {bool(preempted)}")
     target(float(len(preempted)), label="requests preempted and resumed")
     event(f"prefix hits: {hits > 0}")
+    event(f"hit pages read in place: {sum(m.inplace_pages for m in managers) > 0}")
+    event(f"hit pages copied: {sum(m.cow_pages for m in managers) > 0}")
     assert not sched.requests
     assert kvm.block_pool.get_num_free_blocks() == num_blocks - 1, "pages leaked"
     for m in managers:

@@ -12,6 +12,9 @@ groups use it twice (``kv_manager``, prefix caching):
   layer (a cached page carries the votes of the request that wrote it; the new
   owner's scores start from what it would have computed itself: nothing, for
   PyramidInfer and SnapKV; see docs/serving.md for H2O).
+* **Hit pages read in place** (``kv_manager.zero_pages``) get their scores zeroed
+  the same way. The scheduler sends them as save copies of a page onto itself;
+  the worker wrapper turns them into ``(page, page)`` hit pairs.
 * **Copies that keep a cached page intact** (``kv_manager.save_copies``) must run
   later: inside each layer of the page's group, after the step's keys are written
   and before the compaction rewrites the page. The scheduler sends them in the
@@ -50,8 +53,10 @@ def encode_save(src_id: int, dst_id: int):
 def split(copies) -> tuple[list, np.ndarray | None, np.ndarray | None]:
     """vLLM's copies, their (src, dst) pairs and the decoded save copies."""
     plain = [c for c in copies if c[0] >= 0]
-    saves = [(-1 - c[0], -1 - c[1]) for c in copies if c[0] < 0]
-    hit = np.array([tuple(c) for c in plain], dtype=np.int64).reshape(-1, 2) if plain else None
+    saves = [(-1 - c[0], -1 - c[1]) for c in copies if c[0] < 0 and c[0] != c[1]]
+    zeroed = [(-1 - c[0], -1 - c[0]) for c in copies if c[0] < 0 and c[0] == c[1]]
+    pairs = [tuple(c) for c in plain] + zeroed
+    hit = np.array(pairs, dtype=np.int64).reshape(-1, 2) if pairs else None
     save = np.array(saves, dtype=np.int64).reshape(-1, 2) if saves else None
     return plain, hit, save
 
@@ -71,6 +76,11 @@ def apply() -> None:
                         copies.append(encode_save(src.block_id, dst.block_id))
                         retained.extend((src, dst))
                     m.save_copies = []
+                if m.zero_pages:
+                    for b in m.zero_pages:
+                        copies.append(encode_save(b.block_id, b.block_id))
+                        retained.append(b)
+                    m.zero_pages = []
             return copies, retained
         return take_kv_cache_block_copies
 

@@ -18,10 +18,17 @@ that may evict (with ``prompt_compaction: once``, without ``prefill_drop``:
 ``KVCompressConfig.shares_prefix_cache``) takes part too, without ever writing a
 page another request may read:
 
-* **copy on hit**: the cached pages its prompt starts with are copied into pages
-  of its own before its first step (vLLM's copy-on-write transport,
-  ``_apply_cow``; the workers zero the copies' scores, ``block_copies``), so its
-  compaction rewrites only its own pages and its scores never mix with another
+* **copy on hit, only where the window lands**: of the cached pages its prompt
+  starts with, those its compacted window will rewrite (from
+  ``paging.window_start`` of its prompt on) are copied into pages of its own
+  before its first step (vLLM's copy-on-write transport, ``_apply_cow``); the
+  pages before them are read in place, as vanilla reads a hit, and left behind
+  by its compaction. Both kinds start with zeroed scores (the workers zero the
+  copies' and the in-place pages' score slots, ``block_copies``). A page's
+  score slots serve one voter at a time: the request that read it in place or
+  cached it, until that request's prompt is compacted (``owner``); a request
+  that hits a page another voter holds copies it instead. So compaction
+  rewrites only a request's own pages and its scores never mix with another
   request's;
 * **cached prompt pages stay intact**: it caches its full prompt pages as vanilla
   does; at the step that compacts its prompt, every cached page its compacted
@@ -111,8 +118,14 @@ class CompressedKVCacheManager(FullAttentionManager):
         self.step_end: dict[str, int] = {}  # request -> computed tokens after the step being allocated
         self.pin = cfg.pin_prefix_hits
         self.pinned: dict[str, list] = {}  # request -> the cached pages it hit, held until it is freed
-        self.cow_pages = 0  # running totals (metrics, tests)
-        self.saved_pages = 0
+        self.cow_pages = 0  # running totals (metrics, tests): hit pages copied,
+        self.inplace_pages = 0  # hit pages read in place,
+        self.saved_pages = 0  # cached pages handed to a copy before a compaction
+        # score slots have one voter at a time: block id -> the request whose votes they hold until
+        # its prompt is compacted (its own cached pages and the hit pages it reads in place)
+        self.owner: dict[int, str] = {}
+        self.owned: dict[str, list[int]] = {}
+        self.zero_pages: list = []  # hit pages read in place from this step on: the workers zero their scores
 
     def shares_cache(self, request) -> bool:
         """Whether ``request`` reads and writes vLLM's prefix cache in this group."""
@@ -134,6 +147,8 @@ class CompressedKVCacheManager(FullAttentionManager):
         blocks = self.req_to_blocks[rid]
         after = self.num_cached_block.get(rid, 0)
         self.fresh.update(b.block_id for b in blocks[before:after] if not b.is_null)
+        if rid not in self.saved:  # its votes fill these pages' score slots until its prompt is compacted
+            self._own(rid, blocks[before:after])
         # vLLM passes whole pages here; the step's true end is what allocate_new_blocks saw
         if self.step_end.pop(rid, num_tokens) >= P and rid not in self.saved:
             self.saved.add(rid)
@@ -176,16 +191,46 @@ class CompressedKVCacheManager(FullAttentionManager):
         req = HITS.get(request_id)
         return req is not None and self.shares and self.may_evict(req)
 
+    def _to_copy(self, request_id: str, hits) -> list[bool]:
+        """For each hit ``(entry, page)`` of a request that may evict: whether it must be copied
+        (its compacted window will rewrite the entry, or another request votes into the page's
+        score slots) rather than read in place."""
+        P = HITS[request_id].num_prompt_tokens
+        first = paging.window_start(P, self.budget(P, request_id), self.interval, self.block_size,
+                                    **self.retention_args(P))
+        return [i >= first or b.block_id in self.owner for i, b in hits]
+
+    def _own(self, request_id: str, blocks) -> None:
+        mine = self.owned.setdefault(request_id, [])
+        for b in blocks:
+            if not b.is_null and b.block_id not in self.owner:
+                self.owner[b.block_id] = request_id
+                mine.append(b.block_id)
+
+    def _release(self, request_id: str) -> None:
+        for bid in self.owned.pop(request_id, ()):
+            if self.owner.get(bid) == request_id:
+                del self.owner[bid]
+
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         self.step_end[request_id] = num_tokens_main_model  # computed tokens after this step
         hits = self.cow_pending.pop(request_id, None)
         copies = []
         if hits:
-            # copy on hit: the request's own pages replace the cached ones before its first step
-            for (i, src), dst in zip(hits, self.block_pool.get_new_blocks(len(hits))):
+            # the entries the compacted window rewrites get pages of their own before the first step;
+            # the others read the cached page in place, with this request as their scores' voter
+            copy = self._to_copy(request_id, hits)
+            todo = [h for h, c in zip(hits, copy) if c]
+            for (i, src), dst in zip(todo, self.block_pool.get_new_blocks(len(todo))):
                 self._apply_cow(request_id, i, src, dst)
                 copies.append(dst)
-            self.cow_pages += len(hits)
+            inplace = [b for (_, b), c in zip(hits, copy) if not c]
+            self._own(request_id, inplace)
+            for b in inplace:
+                b.ref_cnt += 1  # held until the step that zeroes its scores ran (vLLM's copy retention)
+            self.zero_pages.extend(inplace)
+            self.cow_pages += len(todo)
+            self.inplace_pages += len(inplace)
             if self.pin:
                 # the request keeps holding the shared pages it hit, as vanilla's requests do, so a
                 # prefix in use stays cached (freed with the request's own pages)
@@ -205,6 +250,8 @@ class CompressedKVCacheManager(FullAttentionManager):
         prev_c, prev_kept = self.req_tokens.get(request_id, (0, 0))
         self.evicted_tokens += max((c - kept) - (prev_c - prev_kept), 0) * self.num_layers
         self.req_tokens[request_id] = (c, kept)
+        if c >= num_prompt_tokens and request_id in self.owned:
+            self._release(request_id)  # its prompt was compacted: its votes are in its own pages now
         start = paging.window_start(c, budget, self.interval, self.block_size, **rule)
         if start > 0:
             blocks = self.req_to_blocks[request_id]
@@ -224,6 +271,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         HITS.pop(request_id, None)
         LOOKUP_HITS.pop(request_id, None)
         LOOKUP_CUTS.pop(request_id, None)
+        self._release(request_id)
         # pinned hit pages first: freed in reverse order, the prompt's start is evicted last
         return self.pinned.pop(request_id, []) + super().pop_blocks_for_free(request_id)
 
@@ -251,5 +299,7 @@ class CompressedKVCacheManager(FullAttentionManager):
             request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens,
             num_tokens_main_model, apply_admission_cap=apply_admission_cap, prefill_end=prefill_end)
         if request_id not in self.num_cached_block and self._copies_hits(request_id):
-            n += sum(not b.is_null for b in new_computed_blocks)  # copy on hit: a page of its own for each
+            # copy on hit: a page of its own for each entry its compacted window will rewrite
+            hits = [(i, b) for i, b in enumerate(new_computed_blocks) if not b.is_null]
+            n += sum(self._to_copy(request_id, hits))
         return n

@@ -112,6 +112,7 @@ class _Tracker:
             "prefix_cache_found_tokens": self.lookup_cuts["found"],
             "prefix_cache_cut_tokens": {k: v for k, v in self.lookup_cuts.items() if k != "found"},
             "copied_pages": sum(m.cow_pages for m in mgrs),
+            "inplace_hit_pages": sum(m.inplace_pages for m in mgrs),
             "saved_pages": sum(m.saved_pages for m in mgrs),
             "seconds": time.time() - self.started,
         }
