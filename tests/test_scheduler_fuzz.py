@@ -190,7 +190,9 @@ def _run(env, spec):
     from vllm.v1.request import Request, RequestStatus
 
     from vllm_kvcompress.integration.kv_manager import REQUEST_BUDGETS
+    from vllm_kvcompress.integration.prefix_cache import DEFERRALS, DEFERRED
 
+    deferred = DEFERRALS[0]
     event(f"config valid: {spec['valid']}")
     if not spec["valid"]:
         return  # config refused by validation (nothing to run)
@@ -307,12 +309,14 @@ def _run(env, spec):
     event(f"prefix hits: {hits > 0}")
     event(f"hit pages read in place: {sum(m.inplace_pages for m in managers) > 0}")
     event(f"hit pages copied: {sum(m.cow_pages for m in managers) > 0}")
+    event(f"a request waited for a prefix cached in its step: {DEFERRALS[0] > deferred}")
     assert not sched.requests
     assert kvm.block_pool.get_num_free_blocks() == num_blocks - 1, "pages leaked"
     for m in managers:
         assert not any(m.req_to_blocks.get(rid) for rid in by_id), "a finished request still holds a row"
         assert not m.req_tokens
     assert not (set(REQUEST_BUDGETS) & set(by_id)), "REQUEST_BUDGETS leaked a finished request"
+    assert not (DEFERRED & set(by_id)), "DEFERRED leaked a finished request"
 
 
 def _preemptions(sched, reqs: list[tuple[int, object]]) -> int:

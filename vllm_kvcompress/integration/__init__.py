@@ -20,7 +20,8 @@ module                 vLLM symbol it patches / registers
 ``schedule``           ``Scheduler.schedule`` (evicted pages freed before the
                        step allocates; prompts kept whole under prefill_drop)
 ``prefix_cache``       ``KVCacheManager.prefix_cache_lookup_enabled``,
-                       ``KVCacheManager.get_computed_blocks``
+                       ``KVCacheManager.get_computed_blocks``,
+                       ``Scheduler._handle_blocked_waiting_request``
 ``block_copies``       ``KVCacheManager.take_kv_cache_block_copies``,
                        ``gpu_model_runner.copy_kv_cache_blocks_inplace``
 ``request_budget``     ``InputProcessor._validate_params``,

@@ -49,7 +49,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_kvcompress import paging
-from vllm_kvcompress.integration.prefix_cache import LOOKUP_CUTS, LOOKUP_HITS
+from vllm_kvcompress.integration.prefix_cache import DEFERRED, LOOKUP_CUTS, LOOKUP_HITS
 from vllm_kvcompress.policies import get_policy
 from vllm_kvcompress.policies.schedule import max_slots
 
@@ -271,6 +271,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         HITS.pop(request_id, None)
         LOOKUP_HITS.pop(request_id, None)
         LOOKUP_CUTS.pop(request_id, None)
+        DEFERRED.discard(request_id)
         self._release(request_id)
         # pinned hit pages first: freed in reverse order, the prompt's start is evicted last
         return self.pinned.pop(request_id, []) + super().pop_blocks_for_free(request_id)

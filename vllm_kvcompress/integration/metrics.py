@@ -35,7 +35,7 @@ import time
 
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
-from vllm_kvcompress.integration.prefix_cache import LOOKUP_CUTS, LOOKUP_HITS
+from vllm_kvcompress.integration.prefix_cache import DEFERRALS, LOOKUP_CUTS, LOOKUP_HITS
 
 PREFIX = "kvcompress:"
 STATS_FILE_ENV = "VLLM_KVCOMPRESS_STATS_FILE"
@@ -70,6 +70,7 @@ class _Tracker:
         self.cached_tokens = 0
         # what the lookups of those requests found and what the plugin's cuts took off it
         self.lookup_cuts: dict[str, int] = {"found": 0, "voting_window": 0, "same_step": 0, "pool": 0}
+        self.deferrals0 = DEFERRALS[0]  # requests that waited a step for a prefix cached in that step
 
     def step(self, scheduler) -> None:
         ids = set()
@@ -111,6 +112,7 @@ class _Tracker:
             "prefix_cache_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             "prefix_cache_found_tokens": self.lookup_cuts["found"],
             "prefix_cache_cut_tokens": {k: v for k, v in self.lookup_cuts.items() if k != "found"},
+            "prefix_cache_deferred_requests": DEFERRALS[0] - self.deferrals0,
             "copied_pages": sum(m.cow_pages for m in mgrs),
             "inplace_hit_pages": sum(m.inplace_pages for m in mgrs),
             "saved_pages": sum(m.saved_pages for m in mgrs),

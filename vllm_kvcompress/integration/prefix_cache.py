@@ -1,5 +1,7 @@
 """Patch points: ``vllm.v1.core.kv_cache_manager.KVCacheManager.prefix_cache_lookup_enabled``
-and ``KVCacheManager.get_computed_blocks`` (the prefix-cache lookup of a new request).
+and ``KVCacheManager.get_computed_blocks`` (the prefix-cache lookup of a new request), and
+``vllm.v1.core.sched.scheduler.Scheduler._handle_blocked_waiting_request`` (whether a waiting
+request is scheduled in this step).
 
 vLLM's prefix cache shares full pages between requests with the same prefix.
 How compressed groups take part is ``kv_manager``'s (copy on hit, cached prompt
@@ -16,7 +18,10 @@ hit may reach:
     that rank the prompt are the ones it would compute without the cache, and
   - stops before any page cached during this step (``kv_manager``'s ``fresh``):
     such a page is written by this step's forward pass, after the copies of a
-    new hit have run;
+    new hit have run, and the request that caches it votes into its scores.
+    A new request whose hit would stop there waits one step instead (once):
+    vanilla vLLM's hit reaches such pages in the same step, and without the
+    wait the request would recompute the prefix another request is computing;
   - fits the pool: the first step of a request that hits holds the cached pages
     and their copies, which must not exceed the whole pool, or vLLM would keep the
     request waiting for pages that never come.
@@ -61,6 +66,31 @@ def hit_limit(kv_cache_manager, request) -> int:
     return limit
 
 
+#: requests that wait one step for pages cached in the step they would have started in (dropped
+#: when scheduled or freed), and how many waits there were in this process (``metrics``)
+DEFERRED: set[str] = set()
+DEFERRALS = [0]
+
+
+def reaches_fresh_pages(kv_cache_manager, request) -> bool:
+    """Whether ``request``'s prefix-cache hit would reach a page cached during this step
+    (``kv_manager``'s ``fresh``) in a compressed group where it may evict: what :func:`_cut`
+    would cut as ``same_step``."""
+    managers = [(g, m) for g, m in _compressed_managers(kv_cache_manager) if m.fresh and m.may_evict(request)]
+    if not managers or not kv_cache_manager.enable_caching or not shares_cache(kv_cache_manager, request):
+        return False
+    pool = kv_cache_manager.block_pool
+    bs = managers[0][1].block_size
+    groups = [g for g, _ in managers]
+    for h in request.block_hashes[: max(hit_limit(kv_cache_manager, request), 0) // bs]:
+        found = pool.get_cached_block(h, groups)
+        if found is None:
+            return False
+        if any(b.block_id in m.fresh for b, (_, m) in zip(found, managers)):
+            return True
+    return False
+
+
 def _cut(kv_cache_manager, blocks, num_tokens: int, request, cuts: dict[str, int]):
     """(blocks, tokens) of the hit cut to whole pages below the request's limit and before the
     first page cached during this step; the tokens each cut took go into ``cuts``."""
@@ -94,6 +124,7 @@ def _cut(kv_cache_manager, blocks, num_tokens: int, request, cuts: dict[str, int
 
 def apply() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
 
     def wrap_enabled(original):
         def prefix_cache_lookup_enabled(self, request) -> bool:
@@ -117,5 +148,20 @@ def apply() -> None:
             return blocks, num_tokens, boundary
         return get_computed_blocks
 
+    def wrap_blocked(original):
+        def _handle_blocked_waiting_request(self, request) -> bool:
+            if not original(self, request):
+                return False
+            rid = request.request_id
+            if (request.num_computed_tokens == 0 and rid not in DEFERRED
+                    and reaches_fresh_pages(self.kv_cache_manager, request)):
+                DEFERRED.add(rid)  # its prefix is being cached in this step: take the hit in the next
+                DEFERRALS[0] += 1
+                return False
+            DEFERRED.discard(rid)
+            return True
+        return _handle_blocked_waiting_request
+
     patch_method(KVCacheManager, "prefix_cache_lookup_enabled", wrap_enabled)
     patch_method(KVCacheManager, "get_computed_blocks", wrap_lookup)
+    patch_method(Scheduler, "_handle_blocked_waiting_request", wrap_blocked)
