@@ -106,9 +106,10 @@ def _cut(kv_cache_manager, blocks, num_tokens: int, request, cuts: dict[str, int
                 break
     cuts["same_step"] = (n_limit - n) * bs
     n_fresh = n
-    # a hit copies its pages: admission asks for the cached pages and their copies. Cut it to
-    # what the whole pool could give, so a request alone is always admitted (vLLM would
-    # otherwise keep it waiting for pages that never come)
+    # admission asks for the cached pages and the copies of those the compacted window rewrites
+    # (at most all of them, counted so here). Cut the hit to what the whole pool could give, so
+    # a request alone is always admitted (vLLM would otherwise keep it waiting for pages that
+    # never come)
     capacity = kv_cache_manager.block_pool.num_gpu_blocks - 1
     base = sum(m.admission_pages(request) for _, m in managers)
     copying = sum(1 for _, m in managers if m.may_evict(request))
