@@ -184,6 +184,27 @@ def test_scheduler_holds_exactly_the_predicted_pages_with_shared_prefixes(env, s
     _run(env, spec)
 
 
+_SHORT_THEN_LONG = dict(
+    bs=32, kv=dict(policy="h2o", budget=300, compress_interval=32, prompt_compaction="once"), valid=True,
+    reqs=[dict(id="short", prompt=[(7 * k) % 1000 for k in range(200)], max_tokens=150, kv_budget=None,
+               arrive=0, abort=None),
+          dict(id="long", prompt=[(7 * k) % 1000 for k in range(192)] + [(3 + 11 * k) % 1000 for k in range(408)],
+               max_tokens=8, kv_budget=None, arrive=4, abort=None)],
+    prefix_caching=True, max_batched=512, max_seqs=4, slack=40)
+
+
+@settings(max_examples=1, deadline=None, database=None)
+@given(spec=st.just(_SHORT_THEN_LONG))
+def test_a_decoding_prompt_keeps_its_pages_votes(env, spec):
+    """A prompt that fits its budget is not compacted, yet it may evict in decode: its pages stay
+    in its row and get its decode votes. At its prompt step the cache entries of those pages
+    moved to copies (its window may rewrite any of them), so a longer prompt that hits the prefix
+    later reads the copies in place, never a page the first one votes into (checked by ``_run``)."""
+    managers = _run(env, spec)
+    assert sum(m.saved_pages for m in managers) >= 6  # the short prompt's 6 full pages (and the long one's)
+    assert sum(m.inplace_pages for m in managers) == 6 and sum(m.cow_pages for m in managers) == 0
+
+
 def _run(env, spec):
     from vllm import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
@@ -274,7 +295,7 @@ def _run(env, spec):
                 assert all(p.ref_cnt >= 1 and p.block_hash is not None and p not in blocks[first:] for p in pins), (
                     f"step {step}: {rid}'s pinned hit pages must stay cached and apart from its own")
                 held_ids.update(p.block_id for p in pins)
-                if c < P and P + r["max_tokens"] > B:  # its votes fill its pages' score slots: one voter a page
+                if P + r["max_tokens"] > B:  # it may evict: its votes fill its row's score slots, one voter a page
                     mine = {b.block_id for b in blocks if not b.is_null}
                     other = voters.setdefault(id(m), {})
                     shared = [(o, bid) for bid in mine if (o := other.get(bid)) is not None]
@@ -317,6 +338,7 @@ def _run(env, spec):
         assert not m.req_tokens
     assert not (set(REQUEST_BUDGETS) & set(by_id)), "REQUEST_BUDGETS leaked a finished request"
     assert not (DEFERRED & set(by_id)), "DEFERRED leaked a finished request"
+    return managers
 
 
 def _preemptions(sched, reqs: list[tuple[int, object]]) -> int:

@@ -251,7 +251,10 @@ class CompressedKVCacheManager(FullAttentionManager):
         self.evicted_tokens += max((c - kept) - (prev_c - prev_kept), 0) * self.num_layers
         self.req_tokens[request_id] = (c, kept)
         if c >= num_prompt_tokens and request_id in self.owned:
-            self._release(request_id)  # its prompt was compacted: its votes are in its own pages now
+            # its prompt step ran: its row holds no cached page any more (the pages before its window
+            # were dropped, the cache entries from the window on were handed to copies), so no other
+            # request can read a page it still votes into
+            self._release(request_id)
         start = paging.window_start(c, budget, self.interval, self.block_size, **rule)
         if start > 0:
             blocks = self.req_to_blocks[request_id]
