@@ -154,14 +154,19 @@ class CompressedKVCacheManager(FullAttentionManager):
             self.saved.add(rid)
             self._save_before_compaction(request, after)
 
+    def prompt_window_start(self, request) -> int:
+        """The first row entry ``request``'s compacted window writes once its prompt is done (the
+        entries before it are never written again; ``paging.window_start`` is monotone)."""
+        P = request.num_prompt_tokens
+        return paging.window_start(P, self.budget(P, request.request_id), self.interval, self.block_size,
+                                   **self.retention_args(P))
+
     def _save_before_compaction(self, request, num_cached: int) -> None:
         """This step compacts ``request``'s prompt: the cached pages from its new window's first
         entry on hand their cache entries to fresh pages (filled by the workers before the
         compaction), or drop them when the pool has no room to spare."""
         rid = request.request_id
-        P = request.num_prompt_tokens
-        budget = self.budget(P, rid)
-        first = paging.window_start(P, budget, self.interval, self.block_size, **self.retention_args(P))
+        first = self.prompt_window_start(request)
         blocks = self.req_to_blocks[rid]
         todo = [b for b in blocks[first:num_cached] if not b.is_null and b.block_hash is not None]
         if not todo:
@@ -195,9 +200,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         """For each hit ``(entry, page)`` of a request that may evict: whether it must be copied
         (its compacted window will rewrite the entry, or another request votes into the page's
         score slots) rather than read in place."""
-        P = HITS[request_id].num_prompt_tokens
-        first = paging.window_start(P, self.budget(P, request_id), self.interval, self.block_size,
-                                    **self.retention_args(P))
+        first = self.prompt_window_start(HITS[request_id])
         return [i >= first or b.block_id in self.owner for i, b in hits]
 
     def _own(self, request_id: str, blocks) -> None:

@@ -170,20 +170,14 @@ def _protected(scores: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, rece
 
 
 def selectable_scores(acc: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, recent: IntOrTensor,
-                      valid_len: IntOrTensor | None = None) -> torch.Tensor:
-    """``acc`` with the protected slots (sinks, recent window: kept whatever their score) set
-    to 0, so a policy's pooling along keys ranks the selectable slots by their own scores:
-    the window's strongly local votes and a sink's huge score would otherwise spill onto
-    the slots beside them. The SnapKV, KVCache-Factory and kvpress references pool the
-    selectable prefix only; zeros are what ``avg`` pooling's padding counts there too."""
-    return _selectable(acc, keep, sinks, recent, valid_len)[0]
-
-
-def _selectable(acc: torch.Tensor, keep: IntOrTensor, sinks: IntOrTensor, recent: IntOrTensor,
-                valid_len: IntOrTensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(:func:`selectable_scores`, room): room is a LongTensor of the batch shape
-    (``acc.shape[:-2]``), the slots :func:`select` fills by score per row, its keep count
-    less the protected slots it holds."""
+                      valid_len: IntOrTensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, room). ``scores``: ``acc`` with the protected slots (sinks, recent window: kept
+    whatever their score) set to 0, so a policy's pooling along keys ranks the selectable slots
+    by their own scores: the window's strongly local votes and a sink's huge score would
+    otherwise spill onto the slots beside them. The SnapKV, KVCache-Factory and kvpress
+    references pool the selectable prefix only; zeros are what ``avg`` pooling's padding counts
+    there too. ``room``: LongTensor of the batch shape (``acc.shape[:-2]``), the slots
+    :func:`select` fills by score per row, its keep count less the protected slots it holds."""
     _, forced, n_keep = _protected(acc, keep, sinks, recent, valid_len)
     room = (n_keep - forced[..., 0, :].sum(-1)).clamp_min(0)
     return acc.to(torch.float32).masked_fill(forced, 0.0), room
@@ -390,7 +384,7 @@ def compress_step(
     padded entries of ``new_acc`` are 0.
     """
     sinks, recent = policy.sinks_recent(budget, acc.shape[-1] if valid_len is None else valid_len)
-    own, room = _selectable(acc, keep, sinks, recent, valid_len)
+    own, room = selectable_scores(acc, keep, sinks, recent, valid_len)
     scores = policy.score(own, valid_len, room)
     kept = select(scores, keep, sinks, recent, valid_len, tiebreak=own if policy.pool_tiebreak else None)
     if policy.resets_scores:
@@ -421,7 +415,7 @@ def select_tokens(
         recent = recent.clamp_min(1)
     else:
         recent = max(int(recent), 1)
-    acc, room = _selectable(acc, keep, sinks, recent, valid_len)
+    acc, room = selectable_scores(acc, keep, sinks, recent, valid_len)
     scores = policy.score(acc, valid_len, room).to(torch.float32).mean(dim=-2, keepdim=True)
     own = acc.mean(dim=-2, keepdim=True) if policy.pool_tiebreak else None
     return select(scores, keep, sinks, recent, valid_len, tiebreak=own)[..., 0, :]
