@@ -53,6 +53,13 @@ def test_pin_prefix_hits_flag(parser):
     assert ea.additional_config["kv_compress"]["pin_prefix_hits"] is True
 
 
+def test_prefix_hit_flag(parser):
+    ea = _engine_args(parser, ["--kv-policy", "pyramid", "--kv-budget", "0.25", "--kv-prefix-hit", "Keep"])
+    assert ea.additional_config["kv_compress"]["prefix_hit"] == "keep"
+    with pytest.raises(SystemExit):
+        _engine_args(parser, ["--kv-policy", "pyramid", "--kv-budget", "0.25", "--kv-prefix-hit", "share"])
+
+
 def test_no_flags_no_config(parser):
     assert "kv_compress" not in (_engine_args(parser, []).additional_config or {})
 

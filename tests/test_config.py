@@ -340,3 +340,15 @@ def test_variant_settings():
     for bad in ("snapkv+drop", "pyramid+drop@x", "pyramid+foo", "none", "nonsense"):
         with pytest.raises(ValueError, match="allowed: h2o, pyramid, snapkv, streaming, pyramid\\+drop"):
             variant_settings(bad)
+
+
+def test_prefix_hit_option():
+    assert KVCompressConfig(policy="pyramid", budget=0.25).prefix_hit == "compress"
+    assert not KVCompressConfig(policy="pyramid", budget=0.25).keeps_prefix_hits
+    assert KVCompressConfig(policy="pyramid", budget=0.25, prefix_hit="keep").keeps_prefix_hits
+    # nothing to keep where a prompt is compacted per chunk (no sharing) or nothing is evicted
+    assert not KVCompressConfig(policy="pyramid", budget=0.25, prefix_hit="keep",
+                                prompt_compaction="per-chunk").keeps_prefix_hits
+    assert not KVCompressConfig(policy="none", prefix_hit="keep").keeps_prefix_hits
+    msg = _err(policy="h2o", budget=0.25, prefix_hit="share")
+    assert "prefix_hit" in msg and "compress" in msg and "keep" in msg

@@ -347,3 +347,93 @@ def test_chunked_prompt_matches_oracle(kv, model_dir, hf_model, prompt_ids, monk
             assert out == want_tokens[:n_out]
     finally:
         close_llm(llm)
+
+
+@pytest.mark.parametrize("policy", ["pyramid", "snapkv"])
+def test_kept_prefix_matches_dense_oracle(policy, model_dir, hf_model, prompt_ids, monkeypatch):
+    """``prefix_hit: keep`` (issue #29): a request whose prompt starts with a cached prefix keeps
+    that prefix whole, in the cached pages, and compresses only its own tokens with the budget
+    of those tokens (25% of them). Every step holds the pages ``paging.live_blocks`` predicts
+    with ``frozen`` = its hit, its layers retain the dense oracle's positions (the prefix and
+    the oracle's choice among its own tokens) and its greedy tokens are the oracle's."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_kvcompress.integration.kv_manager import FROZEN
+
+    monkeypatch.setenv("VLLM_KVCOMPRESS_TRACK_POSITIONS", "1")
+    chunk, n_out = 512, 32
+    kv = {"policy": policy, "budget": 0.25, "prefix_hit": "keep"}
+    cfg = KVCompressConfig.from_dict(kv)
+    first = prompt_ids[1]
+    ids = first[:1100] + prompt_ids[0][-400:]  # shares its first 1,100 tokens with ``first``
+    llm = make_llm(model_dir, kv, max_num_batched_tokens=chunk, enable_chunked_prefill=True,
+                   enable_prefix_caching=True)
+    try:
+        eng = llm.llm_engine
+        sched = scheduler_of(llm)
+        managers = sched.kv_cache_manager.coordinator.single_type_managers
+        pool = sched.kv_cache_manager.block_pool
+        free0 = pool.get_num_free_blocks()
+        sp = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+        out = llm.generate([TokensPrompt(prompt_token_ids=first)], sp)  # computes and caches the prefix
+        assert out[0].num_cached_tokens == 0
+        eng.add_request("kept", TokensPrompt(prompt_token_ids=ids), sp)
+        req = next(r for k, r in sched.requests.items() if k.startswith("kept"))
+        P, bs = len(ids), managers[0].block_size
+        held_steps, F, got = [], None, []
+        while eng.has_unfinished_requests():
+            before = req.num_computed_tokens
+            for o in eng.step():
+                if o.finished:
+                    got = list(o.outputs[0].token_ids)
+            if F is None:  # its first step: the hit is what it arrived with
+                F = before = FROZEN[req.request_id]
+                assert F >= 1024 and F % bs == 0, F
+                rule = dict(cfg.retention_args(P - F), frozen=F)
+            if req.request_id in sched.requests:
+                n = req.num_computed_tokens - before
+                held = [sum(1 for b in m.req_to_blocks[req.request_id] if not b.is_null) for m in managers]
+                want = [paging.live_blocks(before, n, m.budget(P - F), m.interval, bs, **rule) for m in managers]
+                assert held == want, (before, n, held, want)
+                # the prefix stays in its row, in the cached pages
+                assert all(not b.is_null for m in managers for b in m.req_to_blocks[req.request_id][: F // bs])
+                held_steps.append(held)
+                if before < P <= req.num_computed_tokens:
+                    c = req.num_computed_tokens
+                    ours = _live_positions(llm, req, F // bs, [
+                        (paging.window_start(c, m.budget(P - F), m.interval, bs, **rule),
+                         paging.held_count(c, m.budget(P - F), m.interval, **rule)) for m in managers])
+        want_tokens, want_kept = DenseOracle(cfg, model=hf_model).generate(ids, n_out, chunk_size=chunk,
+                                                                           eos_token_id=None, frozen=F)
+        pairs = exact = 0
+        for layer, want in enumerate(want_kept):
+            g = ours[layer]
+            assert g.shape == want.shape, (layer, g.shape, want.shape)
+            assert (g[:, :F] == torch.arange(F)).all()  # the prefix, whole
+            pairs += 1
+            exact += int(all(set(g[h].tolist()) == set(want[h].tolist()) for h in range(g.shape[0])))
+        print(f"{policy} keep: hit {F} of {P} prompt tokens; pages per group {held_steps[0]} at the first step, "
+              f"{held_steps[-1]} at the last; {exact}/{pairs} layers keep the oracle's positions")
+        assert exact >= 0.95 * pairs
+        assert got == want_tokens[:n_out]
+        assert pool.get_num_free_blocks() == free0  # every page back (cached ones are free)
+    finally:
+        close_llm(llm)
+
+
+def _live_positions(llm, req, prefix_pages: int, windows: list[tuple[int, int]]) -> dict:
+    """layer index -> [H, count] true positions a running request's layers hold: the pages of its
+    kept prefix, then its window from ``start`` on (``windows[g] = (start, count)`` in group ``g``)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    kvm = scheduler_of(llm).kv_cache_manager
+    layers = _worker_layers(llm)
+    ours = {}
+    for m, group, (start, count) in zip(kvm.coordinator.single_type_managers, kvm.kv_cache_config.kv_cache_groups,
+                                        windows):
+        row = [b.block_id for b in m.req_to_blocks[req.request_id]]
+        live = row[:prefix_pages] + row[prefix_pages + start:]
+        for name in group.layer_names:
+            ours[extract_layer_index(name)] = layers[name].impl.retained_positions(live, count)
+    return ours

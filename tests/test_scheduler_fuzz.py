@@ -112,6 +112,8 @@ def scenarios(draw, sharing: bool = False):
     kv = dict(policy=policy, budget=budget, compress_interval=draw(st.sampled_from([1, 4, 8, 32])),
               min_layer_budget=draw(st.sampled_from([16, 64])),
               prompt_compaction="once" if sharing else draw(st.sampled_from(["once", "per-chunk"])))
+    if sharing:  # a hit compressed with the prompt (copies), or kept whole in the shared pages
+        kv["prefix_hit"] = draw(st.sampled_from(["compress", "keep"]))
     if policy == "pyramid":
         kv["num_stages"] = draw(st.sampled_from([1, 3, 6]))
     try:
@@ -180,7 +182,8 @@ def test_scheduler_holds_exactly_the_predicted_pages(env, spec):
 @given(spec=scenarios(sharing=True))
 def test_scheduler_holds_exactly_the_predicted_pages_with_shared_prefixes(env, spec):
     """The same invariants where prefix hits are the rule: pinned hit pages, pages read in place
-    before a prompt's compacted window, copies inside it, one voter per page."""
+    before a prompt's compacted window, copies inside it, one voter per page; with ``prefix_hit:
+    keep`` a hit prefix stays whole in the request's row and the rule applies after it."""
     _run(env, spec)
 
 
@@ -205,12 +208,40 @@ def test_a_decoding_prompt_keeps_its_pages_votes(env, spec):
     assert sum(m.inplace_pages for m in managers) == 6 and sum(m.cow_pages for m in managers) == 0
 
 
-def _run(env, spec):
+_KEEP_WHILE_PREFILLING = dict(
+    bs=16, kv=dict(policy="snapkv", budget=0.25, compress_interval=8, prompt_compaction="once", prefix_hit="keep"),
+    valid=True,
+    reqs=[dict(id="first", prompt=[(7 * k) % 1000 for k in range(400)], max_tokens=20, kv_budget=None,
+               arrive=0, abort=None),
+          # shares 6 pages, before every stage's compacted window (nothing of it is cached anew in first's
+          # last step), and the 40 tokens after its hit fit beside first's last 16 (no second partial prefill)
+          dict(id="second", prompt=[(7 * k) % 1000 for k in range(100)] + [(3 + 11 * k) % 1000 for k in range(36)],
+               max_tokens=20, kv_budget=None, arrive=3, abort=None)],
+    prefix_caching=True, max_batched=64, max_seqs=4, slack=400)
+
+
+@settings(max_examples=1, deadline=None, database=None)
+@given(spec=st.just(_KEEP_WHILE_PREFILLING))
+def test_a_kept_prefix_stops_at_pages_another_prompt_votes_into(env, spec):
+    """``prefix_hit: keep``: a request that arrives while another one prefills the prefix it shares
+    (64-token steps) starts in the first one's last prompt step, while the first still votes into
+    the cached pages they share: it keeps none of them (``_run`` checks that no kept page is
+    another's voting page; without the lookup's cut at voters' pages it fails) and nothing is
+    copied."""
+    from vllm_kvcompress.integration.prefix_cache import LOOKUP_CUTS
+
+    cuts = []
+    managers = _run(env, spec, on_step=lambda: cuts.append(dict(LOOKUP_CUTS.get("second", {}))))
+    assert any(c.get("voter") == 96 for c in cuts), cuts  # its 6 shared pages, cut at the first
+    assert not any(m.cow_pages or m.inplace_pages for m in managers)  # nothing copied, no in-place voter
+
+
+def _run(env, spec, on_step=None):
     from vllm import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request, RequestStatus
 
-    from vllm_kvcompress.integration.kv_manager import REQUEST_BUDGETS
+    from vllm_kvcompress.integration.kv_manager import FROZEN, REQUEST_BUDGETS
     from vllm_kvcompress.integration.prefix_cache import DEFERRALS, DEFERRED
 
     deferred = DEFERRALS[0]
@@ -251,6 +282,8 @@ def _run(env, spec):
                 done.add(r["id"])
                 last.pop(r["id"], None)
         so = sched.schedule()
+        if on_step is not None:
+            on_step()
         ids = list(so.num_scheduled_tokens)
         sampled = []
         for rid in ids:
@@ -272,6 +305,7 @@ def _run(env, spec):
         # ---- invariants after the step
         held_ids: set[int] = set()
         voters: dict[int, dict[int, str]] = {}  # group -> page -> the request whose votes fill its scores
+        readers: dict[int, dict[int, str]] = {}  # group -> page -> a request that keeps it in its prefix
         for rid, req in sched.requests.items():
             r = by_id[rid]
             P = len(r["prompt"])
@@ -287,35 +321,46 @@ def _run(env, spec):
                     assert _held(blocks) == 0 and not pins, f"step {step}: waiting request {rid} holds pages"
                     continue
                 c, n = last[rid]
-                B = s.budget(P, r["kv_budget"])
-                assert m.budget(P, rid) == B, "REQUEST_BUDGETS does not carry the request's kv_budget"
-                rule = s.compress_config.retention_args(P)
+                F = FROZEN.get(rid, 0) if s.compress_config.keeps_prefix_hits else 0  # a hit prefix kept whole
+                fb = F // bs
+                if F:
+                    assert F % bs == 0 and F <= c and rid not in m.cow_pending and not pins, (rid, F, c)
+                B = s.budget(P - F, r["kv_budget"])
+                assert m.budget(P - F, rid) == B, "REQUEST_BUDGETS does not carry the request's kv_budget"
+                rule = dict(s.compress_config.retention_args(P - F), frozen=F)
                 # hit pages before the prompt's compacted window are read in place; the window's are copies
-                first = paging.window_start(P, B, interval, bs, **rule)
+                first = fb + paging.window_start(P, B, interval, bs, **rule)
                 assert all(p.ref_cnt >= 1 and p.block_hash is not None and p not in blocks[first:] for p in pins), (
                     f"step {step}: {rid}'s pinned hit pages must stay cached and apart from its own")
                 held_ids.update(p.block_id for p in pins)
-                if P + r["max_tokens"] > B:  # it may evict: its votes fill its row's score slots, one voter a page
-                    mine = {b.block_id for b in blocks if not b.is_null}
+                evicts = P - F + r["max_tokens"] > B
+                if evicts:  # its votes fill its row's score slots (after a kept prefix), one voter a page
+                    mine = {b.block_id for b in blocks[fb:] if not b.is_null}
                     other = voters.setdefault(id(m), {})
                     shared = [(o, bid) for bid in mine if (o := other.get(bid)) is not None]
                     assert not shared, f"step {step}: {rid} votes into pages another request votes into {shared}"
                     other.update(dict.fromkeys(mine, rid))
+                    # and it keeps no page in its prefix that another request votes into (the lookup's cut)
+                    readers.setdefault(id(m), {}).update(dict.fromkeys((b.block_id for b in blocks[:fb]), rid))
                 S = paging.window_start(c, B, interval, bs, **rule)
                 want = paging.live_blocks(c, n, B, interval, bs, **rule)
-                ctx = (f"step {step} {rid} stage {s.kv_stage}: C={c} n={n} B={B} I={interval} bs={bs} "
+                ctx = (f"step {step} {rid} stage {s.kv_stage}: C={c} n={n} B={B} F={F} I={interval} bs={bs} "
                        f"row={['-' if b.is_null else b.block_id for b in blocks]}")
                 assert _held(blocks) == want, ctx
                 assert len(blocks) == cdiv(c + n, bs), ctx
-                assert all(b.is_null for b in blocks[:S]) and not any(b.is_null for b in blocks[S:]), ctx
-                held_ids.update(b.block_id for b in blocks[S:])
-                if c + n >= P and P + r["max_tokens"] > B:
+                assert not any(b.is_null for b in blocks[:fb]), ctx
+                assert all(b.is_null for b in blocks[fb:fb + S]) and not any(b.is_null for b in blocks[fb + S:]), ctx
+                held_ids.update(b.block_id for b in blocks[:fb] + blocks[fb + S:])
+                if c + n >= P and evicts:
                     # its prompt is compacted: every page its window writes is its own and uncached
                     # (copy on hit; cached pages handed to a copy before the compaction)
                     S_after = paging.window_start(c + n, B, interval, bs, **rule)
-                    mine = [b for b in blocks[S_after:] if not b.is_null]
+                    mine = [b for b in blocks[fb + S_after:] if not b.is_null]
                     assert all(b.ref_cnt == 1 and b.block_hash is None for b in mine), (
                         ctx + f" refs={[b.ref_cnt for b in mine]} hashed={[b.block_hash is not None for b in mine]}")
+        for g, pages in readers.items():
+            both = [(bid, rid, voters[g][bid]) for bid, rid in pages.items() if bid in voters.get(g, {})]
+            assert not both, f"step {step}: pages kept in a prefix while another request votes into them {both}"
         free = kvm.block_pool.get_num_free_blocks()
         assert free + len(held_ids) == num_blocks - 1, f"step {step}: {free} free + {len(held_ids)} held"
 
@@ -330,6 +375,7 @@ def _run(env, spec):
     event(f"prefix hits: {hits > 0}")
     event(f"hit pages read in place: {sum(m.inplace_pages for m in managers) > 0}")
     event(f"hit pages copied: {sum(m.cow_pages for m in managers) > 0}")
+    event(f"prefix_hit: {kv.get('prefix_hit', 'compress')}, hits: {hits > 0}")
     event(f"a request waited for a prefix cached in its step: {DEFERRALS[0] > deferred}")
     assert not sched.requests
     assert kvm.block_pool.get_num_free_blocks() == num_blocks - 1, "pages leaked"
@@ -338,6 +384,7 @@ def _run(env, spec):
         assert not m.req_tokens
     assert not (set(REQUEST_BUDGETS) & set(by_id)), "REQUEST_BUDGETS leaked a finished request"
     assert not (DEFERRED & set(by_id)), "DEFERRED leaked a finished request"
+    assert not (set(FROZEN) & set(by_id)), "FROZEN leaked a finished request"
     return managers
 
 

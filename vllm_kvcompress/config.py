@@ -40,6 +40,7 @@ __all__ = [
     "SCHEDULE_NAMES",
     "POOLING_NAMES",
     "PROMPT_COMPACTION_NAMES",
+    "PREFIX_HIT_NAMES",
     "DEFAULT_SCHEDULE",
     "DEFAULT_SINKS",
     "request_budget",
@@ -52,6 +53,8 @@ POOLING_NAMES: tuple[str, ...] = ("avg", "max")
 #: when a prompt prefilled in several chunks is compressed (``prompt_compaction``)
 PROMPT_COMPACTION_NAMES: tuple[str, ...] = ("once", "per-chunk")
 POOL_TIEBREAK_NAMES: tuple[str, ...] = ("newest", "score")
+#: what a request that evicts does with the cached prefix its prompt starts with (``prefix_hit``)
+PREFIX_HIT_NAMES: tuple[str, ...] = ("compress", "keep")
 
 #: schedule used when ``schedule`` is None
 DEFAULT_SCHEDULE: dict[str, str] = {
@@ -182,6 +185,14 @@ class KVCompressConfig:
     #: cached for the next request (docs/serving.md, "Prefix caching"). false: it lets go of them
     #: after the copy: more room for running requests, fewer hits
     pin_prefix_hits: bool = True
+    #: with vLLM's prefix cache on, a request that evicts and whose prompt starts with cached
+    #: pages: "compress" compresses that prefix with the rest of its prompt (into copies of the
+    #: pages its compacted window rewrites), so its greedy tokens are those of the same request
+    #: without the cache. "keep" keeps the hit prefix whole, reading the shared cached pages as
+    #: vanilla vLLM does, and compresses only the request's own tokens, with the budget counting
+    #: them (a fraction budget is a fraction of the tokens after the prefix): requests that share
+    #: a prefix hold it once (docs/serving.md, "Prefix caching")
+    prefix_hit: str = "compress"
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -197,7 +208,7 @@ class KVCompressConfig:
             set_(self, name, _as_int(name, getattr(self, name), optional=False))
         for name in ("recent_window", "sinks"):
             set_(self, name, _as_int(name, getattr(self, name), optional=True))
-        for name in ("policy", "snapkv_pooling", "prompt_compaction", "pool_tiebreak"):
+        for name in ("policy", "snapkv_pooling", "prompt_compaction", "pool_tiebreak", "prefix_hit"):
             v = getattr(self, name)
             if not isinstance(v, str):
                 raise _err(name, f"must be a string, got {v!r}")
@@ -232,6 +243,8 @@ class KVCompressConfig:
         if self.prompt_compaction not in PROMPT_COMPACTION_NAMES:
             raise _err("prompt_compaction", f"unknown value {self.prompt_compaction!r}; allowed: "
                                             f"{_allowed(PROMPT_COMPACTION_NAMES)}")
+        if self.prefix_hit not in PREFIX_HIT_NAMES:
+            raise _err("prefix_hit", f"unknown value {self.prefix_hit!r}; allowed: {_allowed(PREFIX_HIT_NAMES)}")
 
         b = self.budget
         if b <= 0:
@@ -328,6 +341,12 @@ class KVCompressConfig:
         window are never rewritten. Per-chunk compaction rewrites pages while the prompt is still
         being prefilled, and ``prefill_drop`` leaves deeper layers' pages partly unwritten."""
         return self.prompt_compaction == "once" and not self.prefill_drop
+
+    @property
+    def keeps_prefix_hits(self) -> bool:
+        """Whether a request that hits vLLM's prefix cache keeps the hit prefix whole and compresses
+        only its own tokens (``prefix_hit: keep``; ``paging``'s ``frozen``)."""
+        return self.shares_prefix_cache and self.prefix_hit == "keep" and not self.keeps_all
 
     @property
     def budget_is_fraction(self) -> bool:

@@ -18,6 +18,11 @@ the chunk); the probabilities feed ``policy.accumulate`` with
 after its own attention is equivalent to compacting all layers after the
 forward pass (a layer's cache is not read again within the step).
 
+``frozen`` (``prefix_hit: keep``, a request whose first ``F`` prompt tokens came from
+vLLM's prefix cache): those tokens are kept whole in every layer and the rule above
+applies to the tokens after them, with the budgets of the ``P - F`` own prompt tokens
+(``paging``'s ``frozen``).
+
 ``prefill_drop`` (a whole prompt in one step): after layer ``l``, when layer
 ``l+1`` holds fewer tokens than are being computed, the hidden states shrink to
 ``select_tokens`` of layer ``l``'s scores (before its compaction), so layer
@@ -32,8 +37,9 @@ from typing import Sequence
 
 import torch
 
+from . import paging
 from .config import KVCompressConfig
-from .policies import compress_step, drop_counts, get_policy, layer_budgets, retained_count, select_tokens
+from .policies import compress_step, drop_counts, get_policy, layer_budgets, select_tokens
 
 __all__ = ["DenseOracle", "LayerStore", "load_model"]
 
@@ -96,9 +102,10 @@ class DenseOracle:
         self.budgets: list[int] = []
         self.num_computed = 0
         self.prompt_len = 0
+        self.frozen = 0
 
     # ------------------------------------------------------------------ state
-    def reset(self, prompt_len: int) -> None:
+    def reset(self, prompt_len: int, frozen: int = 0) -> None:
         dev = self.model.device
         H, D = self.num_kv_heads, self.head_dim
         self.stores = [
@@ -111,7 +118,8 @@ class DenseOracle:
             for _ in range(self.num_layers)
         ]
         self.prompt_len = prompt_len
-        self.budgets = layer_budgets(self.cfg, self.num_layers, prompt_len)
+        self.frozen = frozen
+        self.budgets = layer_budgets(self.cfg, self.num_layers, prompt_len - frozen)
         self.num_computed = 0
 
     def kept_positions(self) -> list[torch.Tensor]:
@@ -187,10 +195,16 @@ class DenseOracle:
 
     def _compact(self, li: int, C: int) -> None:
         st = self.stores[li]
-        keep = retained_count(C, self.budgets[li], self.cfg.compress_interval, **self.cfg.retention_args(self.prompt_len))
+        F = self.frozen
+        keep = paging.held_count(C, self.budgets[li], self.cfg.compress_interval, frozen=F,
+                                 **self.cfg.retention_args(self.prompt_len - F))
         if st.size <= keep:
             return
-        kept, st.acc = compress_step(self.policy, st.acc, keep, self.budgets[li])
+        kept, acc = compress_step(self.policy, st.acc[:, F:], keep - F, self.budgets[li])
+        if F:  # a kept prefix stays whole, in front
+            prefix = torch.arange(F, device=kept.device).expand(kept.shape[0], F)
+            kept, acc = torch.cat([prefix, kept + F], dim=1), torch.cat([st.acc[:, :F], acc], dim=1)
+        st.acc = acc
         st.keys = st.keys.gather(1, kept[..., None].expand(-1, -1, self.head_dim))
         st.values = st.values.gather(1, kept[..., None].expand(-1, -1, self.head_dim))
         st.positions = st.positions.gather(1, kept)
@@ -203,6 +217,7 @@ class DenseOracle:
         max_new_tokens: int,
         chunk_size: int | None = None,
         eos_token_id: int | Sequence[int] | None = -1,
+        frozen: int = 0,
     ) -> tuple[list[int], list[torch.Tensor]]:
         """Greedy decoding.
 
@@ -211,6 +226,8 @@ class DenseOracle:
         retained positions ``LongTensor[H_kv, n]`` right after the last prefill
         chunk. ``eos_token_id=-1`` means the model's configured EOS; None never stops.
         The state after generation is available via :meth:`kept_positions`.
+        ``frozen``: the first ``frozen`` prompt tokens are a kept prefix (computed in one
+        step, as the request that cached them did, then the rest in chunks).
         """
         prompt = [int(t) for t in torch.as_tensor(prompt_ids).reshape(-1).tolist()]
         if not prompt:
@@ -219,9 +236,11 @@ class DenseOracle:
             eos_token_id = self.model.generation_config.eos_token_id
         eos = set() if eos_token_id is None else set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
 
-        self.reset(len(prompt))
+        self.reset(len(prompt), frozen)
+        if frozen:
+            self.step(prompt[:frozen], is_prefill=True)
         chunk = chunk_size or len(prompt)
-        for s in range(0, len(prompt), chunk):
+        for s in range(frozen, len(prompt), chunk):
             logits = self.step(prompt[s : s + chunk], is_prefill=True)
         after_prefill = self.kept_positions()
 

@@ -29,6 +29,16 @@ With ``prompt_compaction: once`` (the default) they take ``hold_until`` (the pro
 length again): before it ``R(C) = C`` and ``S = 0``, so a chunked prompt keeps its
 pages until its last chunk. Callers pass both as ``**cfg.retention_args(prompt_len)``.
 
+**A kept prefix** (``prefix_hit: keep``): a request whose prompt starts with ``F``
+tokens hit in vLLM's prefix cache (a whole number of pages) keeps them whole, in
+the shared cached pages, and compresses only its own tokens. Every function then
+takes ``frozen=F``: the rule above applies to the ``C - F`` tokens after the
+prefix, with the budget and ``retention_args`` of its own ``P - F`` prompt tokens
+(callers pass those), so the layer holds ``F + R(C - F)``. Its row keeps entries
+``< F/bs`` (the prefix) and frees ``[F/bs, F/bs + S)``, where ``S =
+window_start(C, ..., frozen=F)``; slot ``p`` lives at entry ``p // bs`` below ``F``
+and ``p // bs + S`` from ``F`` on (:func:`entry_of`). ``frozen=0`` is the rule above.
+
 Nothing here talks to the other side: the scheduler's KV manager
 (``integration.kv_manager``) and the workers' metadata builders
 (``integration.step_plan``) call these same functions with ``(C, B, I, bs)``.
@@ -39,20 +49,34 @@ from __future__ import annotations
 
 from vllm_kvcompress.policies.schedule import retained_count
 
-__all__ = ["retained_count", "evicted_count", "window_start", "live_blocks"]
+__all__ = ["retained_count", "held_count", "evicted_count", "window_start", "live_blocks", "entry_of"]
 
 
-def evicted_count(num_computed, budget, interval, grow_from=None, hold_until=None):
+def held_count(num_computed, budget, interval, grow_from=None, hold_until=None, frozen=0):
+    """Tokens a layer holds once ``num_computed`` tokens are computed: ``retained_count``,
+    plus a kept prefix of ``frozen`` tokens that is never compressed."""
+    return frozen + retained_count(num_computed - frozen, budget, interval, grow_from, hold_until)
+
+
+def evicted_count(num_computed, budget, interval, grow_from=None, hold_until=None, frozen=0):
     """Tokens a layer has evicted once ``num_computed`` tokens are computed."""
-    return num_computed - retained_count(num_computed, budget, interval, grow_from, hold_until)
+    return num_computed - held_count(num_computed, budget, interval, grow_from, hold_until, frozen)
 
 
-def window_start(num_computed, budget, interval, block_size, grow_from=None, hold_until=None):
-    """First live block-table entry of a compressed layer (entries before it are freed)."""
-    return evicted_count(num_computed, budget, interval, grow_from, hold_until) // block_size
+def window_start(num_computed, budget, interval, block_size, grow_from=None, hold_until=None, frozen=0):
+    """First live block-table entry of a compressed layer (entries before it are freed); with
+    a kept prefix, the entries freed after it: ``[frozen/bs, frozen/bs + window_start)``."""
+    return evicted_count(num_computed, budget, interval, grow_from, hold_until, frozen) // block_size
 
 
-def live_blocks(num_computed, num_new, budget, interval, block_size, grow_from=None, hold_until=None):
+def live_blocks(num_computed, num_new, budget, interval, block_size, grow_from=None, hold_until=None, frozen=0):
     """Pages a request holds in a compressed group while it computes ``num_new`` tokens."""
     total_entries = -(-(num_computed + num_new) // block_size)
-    return total_entries - window_start(num_computed, budget, interval, block_size, grow_from, hold_until)
+    return total_entries - window_start(num_computed, budget, interval, block_size, grow_from, hold_until, frozen)
+
+
+def entry_of(slot, start, block_size, frozen=0):
+    """Row entry of window slot ``slot`` (``start = window_start(...)``): slots of a kept prefix
+    sit at their own page, the others ``start`` entries further on."""
+    e = slot // block_size
+    return e + start * (slot >= frozen)

@@ -2,7 +2,7 @@
 ``EngineArgs.from_cli_args``.
 
 Adds ``--kv-policy``, ``--kv-budget``, ``--kv-schedule``, ``--kv-recent-window``, ``--kv-sinks``,
-``--kv-compress-interval``, ``--kv-prefill-drop``, ``--kv-prefill-drop-from``, ``--kv-decode-evict``, ``--kv-prompt-compaction``, ``--kv-pin-prefix-hits`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
+``--kv-compress-interval``, ``--kv-prefill-drop``, ``--kv-prefill-drop-from``, ``--kv-decode-evict``, ``--kv-prompt-compaction``, ``--kv-pin-prefix-hits``, ``--kv-prefix-hit`` and ``--kv-config FILE.yaml`` to every EngineArgs parser
 (``vllm serve``, ``vllm bench ...``), and moves their values into
 ``additional_config["kv_compress"]`` — the same place offline users put them:
 ``LLM(..., additional_config={"kv_compress": {...}})``. Explicit flags override
@@ -20,8 +20,8 @@ import json
 import sys
 from collections.abc import Mapping
 
-from vllm_kvcompress.config import (BUDGET_UNITS, POLICY_NAMES, PROMPT_COMPACTION_NAMES, SCHEDULE_NAMES, ConfigError,
-                                    KVCompressConfig)
+from vllm_kvcompress.config import (BUDGET_UNITS, POLICY_NAMES, PREFIX_HIT_NAMES, PROMPT_COMPACTION_NAMES,
+                                    SCHEDULE_NAMES, ConfigError, KVCompressConfig)
 from vllm_kvcompress.integration import platform_config
 from vllm_kvcompress.integration.common import CONFIG_KEY, patch_method
 
@@ -38,6 +38,7 @@ FLAGS = {
     "kv_decode_evict": "decode_evict",
     "kv_prompt_compaction": "prompt_compaction",
     "kv_pin_prefix_hits": "pin_prefix_hits",
+    "kv_prefix_hit": "prefix_hit",
 }
 
 
@@ -88,6 +89,10 @@ def add_flags(parser) -> None:
                    help="With prefix caching: a request that evicts keeps holding the cached prefix pages it "
                         "hit until it finishes, so a prefix in use stays cached (default). "
                         "--no-kv-pin-prefix-hits: it lets go of them after copying them.")
+    g.add_argument("--kv-prefix-hit", choices=PREFIX_HIT_NAMES, default=None, type=lambda s: s.strip().lower(),
+                   help="With prefix caching, a request whose prompt starts with cached pages: compress that "
+                        "prefix with its prompt, into pages of its own (default: tokens as without the cache), "
+                        "or keep it whole in the shared pages and compress only its own tokens (keep).")
     g.add_argument("--kv-config", default=None, metavar="FILE.yaml",
                    help="YAML file with a kv_compress mapping (see configs/); flags override it.")
 

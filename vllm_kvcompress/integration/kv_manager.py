@@ -40,6 +40,12 @@ page another request may read:
 
 Pages cached during the current step are not yet written when the step's copies
 run, so a hit stops before them (``fresh``; ``prefix_cache``).
+
+With ``prefix_hit: keep`` a request that hits keeps the hit prefix whole instead: its row
+holds the cached pages, as a vanilla request's does, and only its own tokens are compacted
+(``paging``'s ``frozen``: the budget and the rule of its ``P - F`` own prompt tokens; the
+entries freed are those after the prefix). Nothing is copied on a hit; the lookup stops
+before any page another request still votes into, whose scores its attention would add to.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ REQUEST_BUDGETS: dict[str, float | int] = {}
 #: fills it; vLLM passes the managers only the id). A group copies the hit pages of those that
 #: may evict in it. Dropped when the request's pages are freed.
 HITS: dict[str, object] = {}
+#: request id -> the tokens of its prompt it keeps whole (``prefix_hit: keep``: its prefix-cache
+#: hit, set by ``integration.prefix_cache`` at each lookup; dropped when its pages are freed)
+FROZEN: dict[str, int] = {}
 
 
 def compressed_groups(kv_cache_manager) -> list[tuple[int, "CompressedKVCacheManager"]]:
@@ -102,9 +111,11 @@ class CompressedKVCacheManager(FullAttentionManager):
         return self.kv_cache_spec.budget(prompt_len, REQUEST_BUDGETS.get(request_id))
 
     def may_evict(self, request) -> bool:
-        """Whether ``request`` can ever hold more tokens than this group's budget."""
+        """Whether ``request`` can ever hold more tokens than this group's budget (after a kept
+        prefix: its own tokens against the budget of its own prompt tokens)."""
         max_new = request.max_tokens if request.max_tokens is not None else 1 << 40
-        return request.num_prompt_tokens + max_new > self.budget(request.num_prompt_tokens, request.request_id)
+        own = request.num_prompt_tokens - self.frozen(request.request_id)
+        return own + max_new > self.budget(own, request.request_id)
 
     # ---------------------------------------------------------------- prefix caching
     supports_fine_grained_hash_lookup = False  # hits and copies are whole pages
@@ -117,6 +128,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         self.saved: set[str] = set()  # requests whose prompt pages were handed over already
         self.step_end: dict[str, int] = {}  # request -> computed tokens after the step being allocated
         self.pin = cfg.pin_prefix_hits
+        self.keep_hits = cfg.keeps_prefix_hits
         self.pinned: dict[str, list] = {}  # request -> the cached pages it hit, held until it is freed
         self.cow_pages = 0  # running totals (metrics, tests): hit pages copied,
         self.inplace_pages = 0  # hit pages read in place,
@@ -154,12 +166,22 @@ class CompressedKVCacheManager(FullAttentionManager):
             self.saved.add(rid)
             self._save_before_compaction(request, after)
 
+    def frozen(self, request_id: str) -> int:
+        """Tokens of ``request_id``'s prompt kept whole (``prefix_hit: keep``), else 0."""
+        return FROZEN.get(request_id, 0) if self.keep_hits else 0
+
+    def rule(self, prompt_len: int, request_id: str) -> tuple[int, dict]:
+        """``(budget, paging keywords)`` of a request: the budget and ``retention_args`` of its
+        own prompt tokens (all of them unless it keeps a hit prefix), and ``frozen``."""
+        f = self.frozen(request_id)
+        return self.budget(prompt_len - f, request_id), dict(self.retention_args(prompt_len - f), frozen=f)
+
     def prompt_window_start(self, request) -> int:
         """The first row entry ``request``'s compacted window writes once its prompt is done (the
         entries before it are never written again; ``paging.window_start`` is monotone)."""
-        P = request.num_prompt_tokens
-        return paging.window_start(P, self.budget(P, request.request_id), self.interval, self.block_size,
-                                   **self.retention_args(P))
+        P, rid = request.num_prompt_tokens, request.request_id
+        budget, rule = self.rule(P, rid)
+        return rule["frozen"] // self.block_size + paging.window_start(P, budget, self.interval, self.block_size, **rule)
 
     def _save_before_compaction(self, request, num_cached: int) -> None:
         """This step compacts ``request``'s prompt: the cached pages from its new window's first
@@ -194,7 +216,7 @@ class CompressedKVCacheManager(FullAttentionManager):
 
     def _copies_hits(self, request_id: str) -> bool:
         req = HITS.get(request_id)
-        return req is not None and self.shares and self.may_evict(req)
+        return req is not None and self.shares and self.may_evict(req) and not self.frozen(request_id)
 
     def _to_copy(self, request_id: str, hits) -> list[bool]:
         """For each hit ``(entry, page)`` of a request that may evict: whether it must be copied
@@ -247,9 +269,8 @@ class CompressedKVCacheManager(FullAttentionManager):
         if num_prompt_tokens is None or request_id not in self.req_to_blocks:
             return
         c = processed_computed_tokens
-        budget = self.budget(num_prompt_tokens, request_id)
-        rule = self.retention_args(num_prompt_tokens)
-        kept = paging.retained_count(c, budget, self.interval, **rule)
+        budget, rule = self.rule(num_prompt_tokens, request_id)
+        kept = paging.held_count(c, budget, self.interval, **rule)
         prev_c, prev_kept = self.req_tokens.get(request_id, (0, 0))
         self.evicted_tokens += max((c - kept) - (prev_c - prev_kept), 0) * self.num_layers
         self.req_tokens[request_id] = (c, kept)
@@ -260,13 +281,14 @@ class CompressedKVCacheManager(FullAttentionManager):
             self._release(request_id)
         start = paging.window_start(c, budget, self.interval, self.block_size, **rule)
         if start > 0:
+            first = rule["frozen"] // self.block_size  # a kept prefix stays
             blocks = self.req_to_blocks[request_id]
-            end = min(start, len(blocks))
+            end = min(first + start, len(blocks))
             i = end - 1
-            while i >= 0 and blocks[i] is not self._null_block:  # what the removal below frees
+            while i >= first and blocks[i] is not self._null_block:  # what the removal below frees
                 i -= 1
             self.freed_blocks += end - 1 - i
-            self._remove_blocks_in_range(request_id, 0, end)
+            self._remove_blocks_in_range(request_id, first, end)
 
     def pop_blocks_for_free(self, request_id: str) -> list:
         # every way out (free, preemption, deferred free, ``free_order``) pops here
@@ -275,6 +297,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         self.saved.discard(request_id)
         self.step_end.pop(request_id, None)
         HITS.pop(request_id, None)
+        FROZEN.pop(request_id, None)
         LOOKUP_HITS.pop(request_id, None)
         LOOKUP_CUTS.pop(request_id, None)
         DEFERRED.discard(request_id)
@@ -288,9 +311,10 @@ class CompressedKVCacheManager(FullAttentionManager):
         "once" a chunked prompt holds its tokens until its last chunk: up to prefill_end - 1
         + one chunk). With decode_evict false a request grows after its prompt (a resumed
         one holds its generated tokens too): no cap, admission counts tokens as vLLM does."""
-        budget = self.budget(prefill_end, request_id)
-        hold = self.retention_args(prefill_end)["hold_until"]
-        return cdiv(max_slots(budget, self.interval, self.max_chunk, hold), self.block_size) + 1
+        f = self.frozen(request_id) if request_id is not None else 0
+        budget = self.budget(prefill_end - f, request_id)
+        hold = self.retention_args(prefill_end - f)["hold_until"]
+        return f // self.block_size + cdiv(max_slots(budget, self.interval, self.max_chunk, hold), self.block_size) + 1
 
     def admission_pages(self, request) -> int:
         """Pages vLLM's admission asks of this group for ``request`` (its whole sequence, capped)."""

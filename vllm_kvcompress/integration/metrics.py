@@ -69,7 +69,7 @@ class _Tracker:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         # what the lookups of those requests found and what the plugin's cuts took off it
-        self.lookup_cuts: dict[str, int] = {"found": 0, "voting_window": 0, "same_step": 0, "pool": 0}
+        self.lookup_cuts: dict[str, int] = {"found": 0, "voting_window": 0, "same_step": 0, "voter": 0, "pool": 0}
         self.deferrals0 = DEFERRALS[0]  # requests that waited a step for a prefix cached in that step
 
     def step(self, scheduler) -> None:

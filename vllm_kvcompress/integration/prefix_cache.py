@@ -22,6 +22,11 @@ hit may reach:
     A new request whose hit would stop there waits one step instead (once):
     vanilla vLLM's hit reaches such pages in the same step, and without the
     wait the request would recompute the prefix another request is computing;
+  - with ``prefix_hit: keep`` (the request keeps the hit prefix whole and reads the cached
+    pages in place, adding its votes to their score slots), stops before any page whose
+    score slots another request still votes into (``kv_manager``'s ``owner``: a prompt
+    being prefilled), so that request ranks its prompt as it would alone; the hit it
+    takes is the prefix it keeps (``kv_manager.FROZEN``);
   - fits the pool: the first step of a request that hits holds the cached pages
     and their copies, which must not exceed the whole pool, or vLLM would keep the
     request waiting for pages that never come.
@@ -55,6 +60,11 @@ def may_evict(kv_cache_manager, request) -> bool:
 def shares_cache(kv_cache_manager, request) -> bool:
     """Whether ``request`` may read vLLM's prefix cache in every compressed group."""
     return all(m.shares_cache(request) for _, m in _compressed_managers(kv_cache_manager))
+
+
+def keeps_hits(kv_cache_manager) -> bool:
+    """Whether requests keep a hit prefix whole (``prefix_hit: keep``)."""
+    return any(m.keep_hits for _, m in _compressed_managers(kv_cache_manager))
 
 
 def hit_limit(kv_cache_manager, request) -> int:
@@ -106,13 +116,21 @@ def _cut(kv_cache_manager, blocks, num_tokens: int, request, cuts: dict[str, int
                 break
     cuts["same_step"] = (n_limit - n) * bs
     n_fresh = n
+    keep = [(g, m) for g, m in managers if m.keep_hits]  # (whether its own tokens evict is known after the hit)
+    for g, m in keep:
+        for i, b in enumerate(blocks.blocks[g][:n]):
+            if b.block_id in m.owner:
+                n = i
+                break
+    cuts["voter"] = (n_fresh - n) * bs
+    n_fresh = n
     # admission asks for the cached pages and the copies of those the compacted window rewrites
     # (at most all of them, counted so here). Cut the hit to what the whole pool could give, so
     # a request alone is always admitted (vLLM would otherwise keep it waiting for pages that
     # never come)
     capacity = kv_cache_manager.block_pool.num_gpu_blocks - 1
     base = sum(m.admission_pages(request) for _, m in managers)
-    copying = sum(1 for _, m in managers if m.may_evict(request))
+    copying = sum(1 for _, m in managers if m.may_evict(request) and not m.keep_hits)
     n = max(0, min(n, (capacity - base) // copying)) if copying else n
     cuts["pool"] = (n_fresh - n) * bs
     if n * bs == num_tokens:
@@ -134,17 +152,20 @@ def apply() -> None:
 
     def wrap_lookup(original):
         def get_computed_blocks(self, request):
-            from vllm_kvcompress.integration.kv_manager import HITS
+            from vllm_kvcompress.integration.kv_manager import FROZEN, HITS
 
             HITS.pop(request.request_id, None)
+            FROZEN.pop(request.request_id, None)
             blocks, num_tokens, boundary = original(self, request)
             cuts = LOOKUP_CUTS[request.request_id] = {"found": num_tokens}
-            if num_tokens and may_evict(self, request):
+            if num_tokens and (may_evict(self, request) or keeps_hits(self)):
                 blocks, num_tokens = _cut(self, blocks, num_tokens, request, cuts)
                 if num_tokens:
                     HITS[request.request_id] = request
                 else:
                     blocks, boundary = self.empty_kv_cache_blocks, 0
+            if num_tokens and keeps_hits(self):
+                FROZEN[request.request_id] = num_tokens
             LOOKUP_HITS[request.request_id] = num_tokens
             return blocks, num_tokens, boundary
         return get_computed_blocks

@@ -80,8 +80,8 @@ class StepPlan:
     num_new: np.ndarray  # n
     prompt_lens: np.ndarray
     budget: np.ndarray  # B
-    retained: np.ndarray  # R(C): slots held before the step
-    start: np.ndarray  # S(C)
+    retained: np.ndarray  # R(C): slots held before the step (a kept prefix included)
+    start: np.ndarray  # S(C): the window's first entry after a kept prefix's pages
     retained_after: np.ndarray  # R(C+n)
     start_after: np.ndarray  # S(C+n)
     weights: torch.Tensor | None  # [num_tokens] float32 query weights (None: policy ignores attention)
@@ -93,6 +93,7 @@ class StepPlan:
     reduced: object | None = None  # vLLM metadata for this group's layers that compute fewer tokens (prefill_drop)
     weights_full: torch.Tensor | None = None  # reduced metadata: query weights of the full-length step
     track_positions: bool = False
+    frozen: np.ndarray | None = None  # prompt tokens each request keeps whole (prefix_hit: keep; paging)
     # ---- prefix caching (integration.block_copies)
     hit_pairs: np.ndarray | None = None  # [n, 2] vLLM's page copies of this step: zero their scores
     save_pairs: np.ndarray | None = None  # [n, 2] pages of this group to copy before compaction
@@ -112,6 +113,19 @@ class StepPlan:
     @property
     def compact_rows(self) -> np.ndarray:
         return np.nonzero(self.retained_after < self.retained + self.num_new)[0]
+
+    def compacted(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """``(block-table rows, kept prefix)`` of requests ``rows`` as compaction sees them: the
+        rows past a kept prefix's pages (``start``/``retained`` minus the prefix index them),
+        and the prefix's token counts."""
+        r = torch.from_numpy(rows)
+        bt = self.block_table[r.to(self.block_table.device)]
+        f = self.frozen[rows] if self.frozen is not None else np.zeros(len(rows), dtype=np.int64)
+        if f.any():
+            cols = bt.shape[1]
+            idx = (torch.from_numpy(f // self.block_size)[:, None] + torch.arange(cols)[None, :]).clamp_(max=cols - 1)
+            bt = bt.gather(1, idx.to(bt.device))
+        return bt, f
 
     def on(self, device: torch.device, name: str) -> torch.Tensor:
         """``query_start`` / ``retained`` / ``weights`` on ``device``, copied once per
@@ -174,7 +188,11 @@ class CompressedBuilderMixin:
         seq = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
         computed = seq.numpy().astype(np.int64) - num_new
         rb = StepContext.request_budgets or [None] * len(prompt_lens)
-        budget = np.fromiter((spec.budget(p, b) for p, b in zip(prompt_lens, rb)), dtype=np.int64,
+        frozen = StepContext.frozen
+        if frozen is None:
+            frozen = np.zeros(len(prompt_lens), dtype=np.int64)
+        # a kept prefix (prefix_hit: keep) is never compressed: the budget is that of the tokens after it
+        budget = np.fromiter((spec.budget(p, b) for p, b in zip(prompt_lens - frozen, rb)), dtype=np.int64,
                              count=len(prompt_lens))
         drop = None
         if self.prefill_drop:  # one plan per step, shared by every group's builder
@@ -184,7 +202,8 @@ class CompressedBuilderMixin:
                 if StepContext.drop_plan is None:
                     StepContext.drop_plan = False
             drop = StepContext.drop_plan or None
-        md = self._build_window(common_prefix_len, cm, fast_build, num_new, computed, budget, prompt_lens, drop)
+        md = self._build_window(common_prefix_len, cm, fast_build, num_new, computed, budget, prompt_lens, drop,
+                                frozen=frozen)
         if drop is not None:
             md.kvc.drop = drop
             first = drop.first_reduced(spec.kv_first_layer, spec.num_layers_in_stage)
@@ -194,17 +213,20 @@ class CompressedBuilderMixin:
         return md
 
     def _build_window(self, common_prefix_len, cm, fast_build, num_new, computed, budget, prompt_lens, drop,
-                      kept=None, weights_full=None):
+                      kept=None, weights_full=None, frozen=None):
         """vLLM metadata for the step's tokens mapped onto each request's window, or
         (``kept`` given) for ``kept[i]`` query tokens of each request, the dropping
         ones written straight into their window after the step (their query
-        weights: ``weights_full``, the full-length step's, gathered per layer)."""
+        weights: ``weights_full``, the full-length step's, gathered per layer).
+        ``frozen[i]``: the prompt tokens request ``i`` keeps whole (``paging``)."""
         bs = self.block_size
         interval = self.interval
-        rule = self.retention_args(np.asarray(prompt_lens, dtype=np.int64))
-        held = paging.retained_count(computed, budget, interval, **rule)
+        if frozen is None:
+            frozen = np.zeros(len(num_new), dtype=np.int64)
+        rule = dict(self.retention_args(np.asarray(prompt_lens, dtype=np.int64) - frozen), frozen=frozen)
+        held = paging.held_count(computed, budget, interval, **rule)
         start = paging.window_start(computed, budget, interval, bs, **rule)
-        held_after = paging.retained_count(computed + num_new, budget, interval, **rule)
+        held_after = paging.held_count(computed + num_new, budget, interval, **rule)
         start_after = paging.window_start(computed + num_new, budget, interval, bs, **rule)
         n_eff = num_new if kept is None else kept
         if kept is not None:
@@ -218,12 +240,15 @@ class CompressedBuilderMixin:
             t = int(qsl[-1])
             # host-side index arithmetic, one copy each to the device
             start_t = torch.from_numpy(start)
-            idx = (start_t[:, None] + torch.arange(cols)[None, :]).clamp_(max=cols - 1)
+            frozen_t = torch.from_numpy(frozen)
+            # row entry of each window slot: a kept prefix's pages, then the window (paging.entry_of)
+            idx = paging.entry_of(torch.arange(cols)[None, :] * bs, start_t[:, None], bs,
+                                  frozen_t[:, None]).clamp_(max=cols - 1)
             bt_shift = bt.gather(1, idx.to(dev, non_blocking=True))
             req_of_tok = torch.repeat_interleave(torch.arange(num_reqs), torch.from_numpy(n_eff))
             k_in_req = torch.arange(t) - torch.from_numpy(qsl[:-1])[req_of_tok]
             p = torch.from_numpy(held)[req_of_tok] + k_in_req
-            entry = start_t[req_of_tok] + p // bs
+            entry = paging.entry_of(p, start_t[req_of_tok], bs, frozen_t[req_of_tok])
             new_slots = (bt[req_of_tok.to(dev, non_blocking=True), entry.to(dev, non_blocking=True)].long() * bs
                          + (p % bs).to(dev, non_blocking=True))
             if kept is None:
@@ -245,7 +270,8 @@ class CompressedBuilderMixin:
             md = super().build(common_prefix_len, cm, fast_build)
         plan = StepPlan(policy=self.policy, block_table=bt, query_start=qsl, num_new=n_eff, prompt_lens=prompt_lens,
                         budget=budget, retained=held, start=start, retained_after=held_after,
-                        start_after=start_after, weights=None, block_size=bs, track_positions=self.track_positions)
+                        start_after=start_after, weights=None, block_size=bs, track_positions=self.track_positions,
+                        frozen=frozen)
         md.kvc = plan
         plan.hit_pairs = StepContext.hit_pairs
         if StepContext.save_pairs is not None and len(plan.compact_rows):
@@ -258,7 +284,7 @@ class CompressedBuilderMixin:
             return md
         max_lens = StepContext.max_lens
         # a request that can never hold more than its budget never evicts: it needs no scores
-        needs = np.ones(len(num_new), dtype=bool) if max_lens is None else max_lens > budget
+        needs = np.ones(len(num_new), dtype=bool) if max_lens is None else max_lens - frozen > budget
         grow = rule["grow_from"]
         if grow is not None:  # decode_evict false: nothing is evicted after the prompt
             needs &= computed < grow
@@ -397,13 +423,12 @@ class CompressedImplMixin:
             self._copy_pages(layer, plan.save_pairs)
         rows = plan.compact_rows
         if len(rows):
-            r = torch.from_numpy(rows)
+            bt, f = plan.compacted(rows)  # a kept prefix is never compacted
             old_pos = self._read_pos(plan, rows) if plan.positions is not None else None
-            kept = compaction.compact_requests(layer, plan.policy, plan.block_table[r.to(plan.block_table.device)],
-                                               torch.from_numpy(plan.start[rows]),
-                                               torch.from_numpy(plan.retained[rows] + plan.num_new[rows]),
+            kept = compaction.compact_requests(layer, plan.policy, bt, torch.from_numpy(plan.start[rows]),
+                                               torch.from_numpy(plan.retained[rows] + plan.num_new[rows] - f),
                                                torch.from_numpy(plan.start_after[rows]),
-                                               torch.from_numpy(plan.retained_after[rows]),
+                                               torch.from_numpy(plan.retained_after[rows] - f),
                                                torch.from_numpy(plan.budget[rows]))
             if old_pos is not None:
                 self._move_pos(plan, rows, old_pos, kept)
@@ -440,17 +465,19 @@ class CompressedImplMixin:
 
     def _read_pos(self, plan: StepPlan, rows) -> list[torch.Tensor]:
         out = []
-        for i in rows:
-            count = int(plan.retained[i] + plan.num_new[i])
-            blk, off = ops.window_slots(plan.block_table[i], int(plan.start[i]), count, plan.block_size)
+        bt, f = plan.compacted(rows)
+        for j, i in enumerate(rows):
+            count = int(plan.retained[i] + plan.num_new[i] - f[j])
+            blk, off = ops.window_slots(bt[j], int(plan.start[i]), count, plan.block_size)
             out.append(self._pos[blk, :, off.to(blk.device)].T.clone())  # [H, count]
         return out
 
     def _move_pos(self, plan: StepPlan, rows, old_pos, kept) -> None:
+        bt, f = plan.compacted(rows)
         for j, i in enumerate(rows):
-            keep = int(plan.retained_after[i])
+            keep = int(plan.retained_after[i] - f[j])
             new = old_pos[j].gather(1, kept[j, :, :keep].to(old_pos[j].device))
-            blk, off = ops.window_slots(plan.block_table[i], int(plan.start_after[i]), keep, plan.block_size)
+            blk, off = ops.window_slots(bt[j], int(plan.start_after[i]), keep, plan.block_size)
             self._pos[blk, :, off.to(blk.device)] = new.T
 
     def retained_positions(self, live_blocks: list[int], count: int) -> torch.Tensor:
