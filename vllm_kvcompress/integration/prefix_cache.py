@@ -101,6 +101,18 @@ def reaches_fresh_pages(kv_cache_manager, request) -> bool:
     return False
 
 
+def _stop_before(blocks, managers, n: int, pages_of) -> int:
+    """The hit's first ``n`` pages cut before the first page that is in ``pages_of(manager)`` in
+    any of ``managers``' groups."""
+    for g, m in managers:
+        marked = pages_of(m)
+        for i, b in enumerate(blocks.blocks[g][:n]):
+            if b.block_id in marked:
+                n = i
+                break
+    return n
+
+
 def _cut(kv_cache_manager, blocks, num_tokens: int, request, cuts: dict[str, int]):
     """(blocks, tokens) of the hit cut to whole pages below the request's limit and before the
     first page cached during this step; the tokens each cut took go into ``cuts``."""
@@ -109,19 +121,11 @@ def _cut(kv_cache_manager, blocks, num_tokens: int, request, cuts: dict[str, int
     n = min(num_tokens, max(hit_limit(kv_cache_manager, request), 0)) // bs
     cuts["voting_window"] = num_tokens - n * bs
     n_limit = n
-    for g, m in managers:
-        for i, b in enumerate(blocks.blocks[g][:n]):
-            if b.block_id in m.fresh:
-                n = i
-                break
+    n = _stop_before(blocks, managers, n, lambda m: m.fresh)
     cuts["same_step"] = (n_limit - n) * bs
     n_fresh = n
-    keep = [(g, m) for g, m in managers if m.keep_hits]  # (whether its own tokens evict is known after the hit)
-    for g, m in keep:
-        for i, b in enumerate(blocks.blocks[g][:n]):
-            if b.block_id in m.owner:
-                n = i
-                break
+    # (whether a request's own tokens evict is known only after the hit: every request that keeps one)
+    n = _stop_before(blocks, [(g, m) for g, m in managers if m.keep_hits], n, lambda m: m.owner)
     cuts["voter"] = (n_fresh - n) * bs
     n_fresh = n
     # admission asks for the cached pages and the copies of those the compacted window rewrites
