@@ -402,3 +402,23 @@ def test_help_renders(capsys):
         ab.main(["--help"])
     assert e.value.code == 0
     assert "--dataset" in capsys.readouterr().out
+
+
+def test_prefix_keep_quality_prompts_share_their_prefixes():
+    """benchmarks/prefix_keep_quality.py: every scored prompt starts with a prefix its set's
+    warm-up prompts cache (hits of 1,536 tokens), and each in_own prompt has a key of its own."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import prefix_keep_quality as pkq
+
+    sets = pkq.build_sets(0)
+    assert [len(s["items"]) for s in sets.values()] == [10, 10]
+    for name, s in sets.items():
+        warm = s["warm"]
+        for it in s["items"]:
+            assert any(it["ids"][:pkq.PREFIX_LEN] == w[:pkq.PREFIX_LEN] for w in warm), name
+            assert pkq.PREFIX_LEN + pkq.OWN_LEN - 16 <= len(it["ids"]) <= pkq.PREFIX_LEN + pkq.OWN_LEN + 32
+    assert len({it["answer"] for it in sets["in_own"]["items"]}) == 10
+    assert len(sets["in_own"]["warm"]) == 1 and len(sets["in_prefix"]["warm"]) == 5
