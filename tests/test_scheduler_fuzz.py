@@ -324,7 +324,7 @@ def _run(env, spec, on_step=None):
                 F = FROZEN.get(rid, 0) if s.compress_config.keeps_prefix_hits else 0  # a hit prefix kept whole
                 fb = F // bs
                 if F:
-                    assert F % bs == 0 and F <= c and rid not in m.cow_pending and not pins, (rid, F, c)
+                    assert F % bs == 0 and F <= c and F < P and rid not in m.cow_pending and not pins, (rid, F, c)
                 B = s.budget(P - F, r["kv_budget"])
                 assert m.budget(P - F, rid) == B, "REQUEST_BUDGETS does not carry the request's kv_budget"
                 rule = dict(s.compress_config.retention_args(P - F), frozen=F)

@@ -68,11 +68,15 @@ def keeps_hits(kv_cache_manager) -> bool:
 
 
 def hit_limit(kv_cache_manager, request) -> int:
-    """The longest hit (tokens) ``request`` may take: the prompt's voting queries stay its own."""
+    """The longest hit (tokens) ``request`` may take: the prompt's voting queries stay its own, and
+    a prefix it keeps whole (``prefix_hit: keep``) lies inside its prompt (a resumed request's
+    generated tokens may be cached too)."""
     limit = request.num_tokens - 1
     for _, m in _compressed_managers(kv_cache_manager):
         if m.may_evict(request):
             limit = min(limit, m.policy.hit_limit(request.num_prompt_tokens))
+        if m.keep_hits:
+            limit = min(limit, request.num_prompt_tokens - 1)
     return limit
 
 
