@@ -11,7 +11,8 @@ module                 vLLM symbol it patches / registers
                        ``SingleTypeKVCacheManager`` of compressed layers
 ``free_order``         ``KVCacheCoordinator.free``,
                        ``KVCacheCoordinator.pop_blocks_for_free``
-``model_runner``       ``GPUModelRunner._build_attention_metadata``
+``model_runner``       ``GPUModelRunner._build_attention_metadata``,
+                       ``GPUModelRunner._update_states``
 ``attention_backend``  ``AttentionBackendEnum.CPU_ATTN`` and ``CUSTOM`` via
                        ``register_backend`` (the CPU backend lives here; CUSTOM
                        is ``attention_triton``'s, selected on CUDA)
