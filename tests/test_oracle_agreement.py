@@ -14,7 +14,6 @@ from conftest import close_llm, make_llm, scheduler_of
 from vllm_kvcompress import paging
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.oracle import DenseOracle, load_model
-from vllm_kvcompress.policies import retained_count
 
 N_OUT = 64
 
@@ -45,19 +44,22 @@ def _worker_layers(llm):
 
 def _retained_positions(llm, req, prompt_len: int, rule: dict) -> dict:
     """layer index -> [H, count] true positions a running request's layers retain now (the
-    scheduler's pages and count under ``rule``, the config's ``retention_args``)."""
+    scheduler's pages and count under ``rule``, the config's ``retention_args`` or, with a kept
+    prefix, ``paging_args``: the prefix's pages, then the window)."""
     from vllm.model_executor.models.utils import extract_layer_index
 
     kvm = scheduler_of(llm).kv_cache_manager
     managers = kvm.coordinator.single_type_managers
     layers = _worker_layers(llm)
     c = req.num_computed_tokens
+    f = rule.get("frozen", 0)
     ours = {}
     for m, group in zip(managers, kvm.kv_cache_config.kv_cache_groups):
-        budget = m.budget(prompt_len)
+        budget = m.budget(prompt_len - f)
         start = paging.window_start(c, budget, m.interval, m.block_size, **rule)
-        live = [b.block_id for b in m.req_to_blocks[req.request_id]][start:]
-        count = retained_count(c, budget, m.interval, **rule)
+        row = [b.block_id for b in m.req_to_blocks[req.request_id]]
+        live = row[: f // m.block_size] + row[f // m.block_size + start:]
+        count = paging.held_count(c, budget, m.interval, **rule)
         for name in group.layer_names:
             ours[extract_layer_index(name)] = layers[name].impl.retained_positions(live, count)
     return ours
@@ -390,7 +392,7 @@ def test_kept_prefix_matches_dense_oracle(policy, model_dir, hf_model, prompt_id
             if F is None:  # its first step: the hit is what it arrived with
                 F = before = FROZEN[req.request_id]
                 assert F >= 1024 and F % bs == 0, F
-                rule = dict(cfg.retention_args(P - F), frozen=F)
+                rule = cfg.paging_args(P, F)
             if req.request_id in sched.requests:
                 n = req.num_computed_tokens - before
                 held = [sum(1 for b in m.req_to_blocks[req.request_id] if not b.is_null) for m in managers]
@@ -400,10 +402,7 @@ def test_kept_prefix_matches_dense_oracle(policy, model_dir, hf_model, prompt_id
                 assert all(not b.is_null for m in managers for b in m.req_to_blocks[req.request_id][: F // bs])
                 held_steps.append(held)
                 if before < P <= req.num_computed_tokens:
-                    c = req.num_computed_tokens
-                    ours = _live_positions(llm, req, F // bs, [
-                        (paging.window_start(c, m.budget(P - F), m.interval, bs, **rule),
-                         paging.held_count(c, m.budget(P - F), m.interval, **rule)) for m in managers])
+                    ours = _retained_positions(llm, req, P, rule)
         want_tokens, want_kept = DenseOracle(cfg, model=hf_model).generate(ids, n_out, chunk_size=chunk,
                                                                            eos_token_id=None, frozen=F)
         pairs = exact = 0
@@ -421,19 +420,3 @@ def test_kept_prefix_matches_dense_oracle(policy, model_dir, hf_model, prompt_id
     finally:
         close_llm(llm)
 
-
-def _live_positions(llm, req, prefix_pages: int, windows: list[tuple[int, int]]) -> dict:
-    """layer index -> [H, count] true positions a running request's layers hold: the pages of its
-    kept prefix, then its window from ``start`` on (``windows[g] = (start, count)`` in group ``g``)."""
-    from vllm.model_executor.models.utils import extract_layer_index
-
-    kvm = scheduler_of(llm).kv_cache_manager
-    layers = _worker_layers(llm)
-    ours = {}
-    for m, group, (start, count) in zip(kvm.coordinator.single_type_managers, kvm.kv_cache_config.kv_cache_groups,
-                                        windows):
-        row = [b.block_id for b in m.req_to_blocks[req.request_id]]
-        live = row[:prefix_pages] + row[prefix_pages + start:]
-        for name in group.layer_names:
-            ours[extract_layer_index(name)] = layers[name].impl.retained_positions(live, count)
-    return ours

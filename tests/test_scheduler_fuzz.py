@@ -187,13 +187,25 @@ def test_scheduler_holds_exactly_the_predicted_pages_with_shared_prefixes(env, s
     _run(env, spec)
 
 
-_SHORT_THEN_LONG = dict(
-    bs=32, kv=dict(policy="h2o", budget=300, compress_interval=32, prompt_compaction="once"), valid=True,
-    reqs=[dict(id="short", prompt=[(7 * k) % 1000 for k in range(200)], max_tokens=150, kv_budget=None,
-               arrive=0, abort=None),
-          dict(id="long", prompt=[(7 * k) % 1000 for k in range(192)] + [(3 + 11 * k) % 1000 for k in range(408)],
-               max_tokens=8, kv_budget=None, arrive=4, abort=None)],
-    prefix_caching=True, max_batched=512, max_seqs=4, slack=40)
+def _fixed(bs: int, kv: dict, reqs: list[dict], max_batched: int, slack: int) -> dict:
+    """A hand-written scenario (the shape ``scenarios`` draws), prefix caching on, 4 sequences."""
+    return dict(bs=bs, kv=kv, valid=True, reqs=reqs, prefix_caching=True, max_batched=max_batched, max_seqs=4,
+                slack=slack)
+
+
+def _req(rid: str, prompt: list[int], max_tokens: int, arrive: int) -> dict:
+    return dict(id=rid, prompt=prompt, max_tokens=max_tokens, kv_budget=None, arrive=arrive, abort=None)
+
+
+def _text(n: int, seed: int = 0) -> list[int]:
+    """``n`` token ids; the same ``seed`` gives the same ones (a shared prefix)."""
+    return [(seed * 3 + (7 + 4 * seed) * k) % 1000 for k in range(n)]
+
+
+_SHORT_THEN_LONG = _fixed(
+    32, dict(policy="h2o", budget=300, compress_interval=32, prompt_compaction="once"),
+    [_req("short", _text(200), 150, 0), _req("long", _text(192) + _text(408, seed=1), 8, 4)],
+    max_batched=512, slack=40)
 
 
 @settings(max_examples=1, deadline=None, database=None)
@@ -208,16 +220,12 @@ def test_a_decoding_prompt_keeps_its_pages_votes(env, spec):
     assert sum(m.inplace_pages for m in managers) == 6 and sum(m.cow_pages for m in managers) == 0
 
 
-_KEEP_WHILE_PREFILLING = dict(
-    bs=16, kv=dict(policy="snapkv", budget=0.25, compress_interval=8, prompt_compaction="once", prefix_hit="keep"),
-    valid=True,
-    reqs=[dict(id="first", prompt=[(7 * k) % 1000 for k in range(400)], max_tokens=20, kv_budget=None,
-               arrive=0, abort=None),
-          # shares 6 pages, before every stage's compacted window (nothing of it is cached anew in first's
-          # last step), and the 40 tokens after its hit fit beside first's last 16 (no second partial prefill)
-          dict(id="second", prompt=[(7 * k) % 1000 for k in range(100)] + [(3 + 11 * k) % 1000 for k in range(36)],
-               max_tokens=20, kv_budget=None, arrive=3, abort=None)],
-    prefix_caching=True, max_batched=64, max_seqs=4, slack=400)
+_KEEP_WHILE_PREFILLING = _fixed(
+    16, dict(policy="snapkv", budget=0.25, compress_interval=8, prompt_compaction="once", prefix_hit="keep"),
+    # second shares 6 pages, before every stage's compacted window (nothing of it is cached anew in first's
+    # last step), and the 40 tokens after its hit fit beside first's last 16 (no second partial prefill)
+    [_req("first", _text(400), 20, 0), _req("second", _text(100) + _text(36, seed=1), 20, 3)],
+    max_batched=64, slack=400)
 
 
 @settings(max_examples=1, deadline=None, database=None)
@@ -327,7 +335,7 @@ def _run(env, spec, on_step=None):
                     assert F % bs == 0 and F <= c and F < P and rid not in m.cow_pending and not pins, (rid, F, c)
                 B = s.budget(P - F, r["kv_budget"])
                 assert m.budget(P - F, rid) == B, "REQUEST_BUDGETS does not carry the request's kv_budget"
-                rule = dict(s.compress_config.retention_args(P - F), frozen=F)
+                rule = s.compress_config.paging_args(P, F)
                 # hit pages before the prompt's compacted window are read in place; the window's are copies
                 first = fb + paging.window_start(P, B, interval, bs, **rule)
                 assert all(p.ref_cnt >= 1 and p.block_hash is not None and p not in blocks[first:] for p in pins), (

@@ -334,6 +334,12 @@ class KVCompressConfig:
         passes, so the scheduler, the workers and the oracle apply one rule."""
         return dict(grow_from=self.grow_from(prompt_len), hold_until=self.hold_until(prompt_len))
 
+    def paging_args(self, prompt_len, frozen=0) -> dict:
+        """The ``paging`` keywords of a request that keeps its first ``frozen`` prompt tokens whole
+        (``prefix_hit: keep``; 0: none): ``retention_args`` of its ``prompt_len - frozen`` own
+        prompt tokens, and ``frozen``. Ints or numpy arrays."""
+        return dict(self.retention_args(prompt_len - frozen), frozen=frozen)
+
     @property
     def shares_prefix_cache(self) -> bool:
         """Whether requests that evict may take part in vLLM's prefix cache (``integration.kv_manager``):

@@ -196,8 +196,8 @@ class DenseOracle:
     def _compact(self, li: int, C: int) -> None:
         st = self.stores[li]
         F = self.frozen
-        keep = paging.held_count(C, self.budgets[li], self.cfg.compress_interval, frozen=F,
-                                 **self.cfg.retention_args(self.prompt_len - F))
+        keep = paging.held_count(C, self.budgets[li], self.cfg.compress_interval,
+                                 **self.cfg.paging_args(self.prompt_len, F))
         if st.size <= keep:
             return
         kept, acc = compress_step(self.policy, st.acc[:, F:], keep - F, self.budgets[li])

@@ -95,6 +95,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         cfg = kv_cache_spec.compress_config
         self.interval = cfg.compress_interval
         self.retention_args = cfg.retention_args
+        self.paging_args = cfg.paging_args
         self.decode_evict = cfg.decode_evict
         self.num_layers = kv_cache_spec.num_layers_in_stage
         self.policy = get_policy(cfg)
@@ -174,7 +175,7 @@ class CompressedKVCacheManager(FullAttentionManager):
         """``(budget, paging keywords)`` of a request: the budget and ``retention_args`` of its
         own prompt tokens (all of them unless it keeps a hit prefix), and ``frozen``."""
         f = self.frozen(request_id)
-        return self.budget(prompt_len - f, request_id), dict(self.retention_args(prompt_len - f), frozen=f)
+        return self.budget(prompt_len - f, request_id), self.paging_args(prompt_len, f)
 
     def prompt_window_start(self, request) -> int:
         """The first row entry ``request``'s compacted window writes once its prompt is done (the

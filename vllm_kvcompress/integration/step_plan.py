@@ -162,7 +162,7 @@ class CompressedBuilderMixin:
             cfg = kv_cache_spec.compress_config
             self.policy = get_policy(cfg)
             self.interval = cfg.compress_interval
-            self.retention_args = cfg.retention_args
+            self.paging_args = cfg.paging_args
             # debug/test aid: also track each slot's true token position (moved with compaction)
             self.track_positions = os.environ.get("VLLM_KVCOMPRESS_TRACK_POSITIONS", "0") == "1"
             self.prefill_drop = cfg.prefill_drop
@@ -223,7 +223,7 @@ class CompressedBuilderMixin:
         interval = self.interval
         if frozen is None:
             frozen = np.zeros(len(num_new), dtype=np.int64)
-        rule = dict(self.retention_args(np.asarray(prompt_lens, dtype=np.int64) - frozen), frozen=frozen)
+        rule = self.paging_args(np.asarray(prompt_lens, dtype=np.int64), frozen)
         held = paging.held_count(computed, budget, interval, **rule)
         start = paging.window_start(computed, budget, interval, bs, **rule)
         held_after = paging.held_count(computed + num_new, budget, interval, **rule)
