@@ -219,6 +219,9 @@ def test_retrieval_options_refused_in_one_line():
     assert _err(policy="h2o", budget=0.5, h2o_window_weight=-0.5) == \
         "kv_compress.h2o_window_weight: must be >= 0 (0 = reference H2O), got -0.5"
     assert _err(policy="h2o", budget=0.5, h2o_window_weight="big") == "kv_compress.h2o_window_weight: must be a number, got 'big'"
+    assert _err(policy="snapkv", budget=0.5, last_query_weight=-1) == \
+        "kv_compress.last_query_weight: must be >= 0 (0 = the references' vote), got -1"
+    assert _err(policy="pyramid", budget=0.5, last_query_weight="x") == "kv_compress.last_query_weight: must be a number, got 'x'"
     assert _err(policy="snapkv", budget=0.5, reset_scores="yes") == "kv_compress.reset_scores: must be true or false, got 'yes'"
     assert _err(policy="snapkv", budget=0.5, decode_evict=0) == "kv_compress.decode_evict: must be true or false, got 0"
     assert KVCompressConfig(policy="snapkv", budget=0.5, decode_evict=False).grow_from(900) == 900

@@ -138,25 +138,59 @@ def test_decode_compaction_keeps_what_the_prompt_voted_for():
 
 
 def test_h2o_question_window_weights():
-    pol = H2OPolicy(kernel=1, window=2, window_weight=1.0)
+    pol = H2OPolicy(kernel=1, window=2, window_weight=1.0, last_query_weight=0.0)
     # prompt of 10: the last 2 queries get 1 + 1.0 * (10 - 2) / 2 = 5
     assert pol.query_weights(0, 10, 10, True, prompt_len=10).tolist() == [1.0] * 8 + [5.0, 5.0]
     assert pol.query_weights(0, 6, 6, True, prompt_len=10).tolist() == [1.0] * 6  # chunk before the window
     assert pol.query_weights(6, 4, 10, True, prompt_len=10).tolist() == [1.0, 1.0, 5.0, 5.0]
     assert pol.query_weights(10, 1, 11, False, prompt_len=10).tolist() == [1.0]  # decode
     assert pol.query_weights(0, 10, 10, True).tolist() == [1.0] * 10  # prompt length unknown
-    ref = H2OPolicy(kernel=1, window_weight=0.0)  # the reference: every query weighs 1
+    ref = H2OPolicy(kernel=1, window_weight=0.0, last_query_weight=0.0)  # the reference: every query weighs 1
     assert ref.query_weights(0, 10, 10, True, prompt_len=10).tolist() == [1.0] * 10
     # the question's vote keeps the fact plain H2O evicts for the essay's heavy hitter
     probs = torch.zeros(1, 10, 10)
     probs[0, :8, 1] = 1.0  # the essay's queries all look at key 1 (a heavy hitter)
     probs[0, 8:, 4] = 1.0  # the question looks at key 4 (the fact)
-    plain = Layer(H2OPolicy(kernel=1, window_weight=0.0, recent_window=1), budget=2)
+    plain = Layer(H2OPolicy(kernel=1, window_weight=0.0, last_query_weight=0.0, recent_window=1), budget=2)
     assert plain.step(probs, is_prefill=True)[0].tolist() == [1, 9]
-    layer = Layer(H2OPolicy(kernel=1, window=2, window_weight=1.0, recent_window=1), budget=3)
+    layer = Layer(H2OPolicy(kernel=1, window=2, window_weight=1.0, last_query_weight=0.0, recent_window=1), budget=3)
     assert layer.step(probs, is_prefill=True, prompt_len=10)[0].tolist() == [1, 4, 9]
-    layer = Layer(H2OPolicy(kernel=1, window=2, window_weight=1.0, recent_window=1), budget=2)
+    layer = Layer(H2OPolicy(kernel=1, window=2, window_weight=1.0, last_query_weight=0.0, recent_window=1), budget=2)
     assert layer.step(probs, is_prefill=True, prompt_len=10)[0].tolist() == [4, 9]  # 10 votes vs 8
+
+
+@pytest.mark.parametrize("name", ["pyramid", "snapkv", "h2o"])
+def test_last_query_vote(name):
+    """``last_query_weight``: the prompt's last query votes ``1 + weight x`` its window's whole
+    vote; 0 is the policy's own rule; no other query and no decode query changes."""
+    cfg = dict(policy=name, budget=0.5, pyramid_window=4, snapkv_window=4, h2o_window=4)
+    ref = get_policy(KVCompressConfig(**cfg, last_query_weight=0))
+    pol = get_policy(KVCompressConfig(**cfg, last_query_weight=2.0))
+    assert get_policy(KVCompressConfig(**cfg)).last_query_weight == 1.0  # the default
+    P = 12
+    base = ref.query_weights(0, P, P, True, prompt_len=P)
+    window = float(ref.query_weights(P - 4, 4, P, True, prompt_len=P).sum())
+    w = pol.query_weights(0, P, P, True, prompt_len=P)
+    assert torch.equal(w[:-1], base[:-1]) and w[-1].item() == pytest.approx(base[-1].item() + 2.0 * window)
+    # a chunk that ends before the prompt's last token, a later chunk holding it, decode
+    assert torch.equal(pol.query_weights(0, 8, 8, True, prompt_len=P), ref.query_weights(0, 8, 8, True, prompt_len=P))
+    assert pol.query_weights(8, 4, P, True, prompt_len=P)[-1].item() == pytest.approx(w[-1].item())
+    assert torch.equal(pol.query_weights(P, 1, P + 1, False, prompt_len=P), ref.query_weights(P, 1, P + 1, False, prompt_len=P))
+    assert torch.equal(pol.query_weights(0, P, P, True), ref.query_weights(0, P, P, True))  # prompt length unknown
+    # the question's queries look at the later fact (key 5), its last query at the queried one (key 2):
+    # the window's vote keeps the later fact, the last query's keeps the queried fact
+    probs = torch.zeros(1, P, P)
+    probs[0, :, 0] = 1.0
+    probs[0, P - 4:, 0] = 0.0
+    probs[0, P - 4:P - 1, 5] = 1.0
+    probs[0, P - 1, 2] = 1.0
+    pick = {}
+    for weight in (0.0, 1.0):
+        p = get_policy(KVCompressConfig(**cfg, last_query_weight=weight, sinks=0, recent_window=4,
+                                        pyramid_kernel=1, snapkv_kernel=1, h2o_kernel=1, h2o_window_weight=1.0))
+        kept = Layer(p, budget=5).step(probs, is_prefill=True, prompt_len=P)[0].tolist()
+        pick[weight] = [k for k in kept if k < P - 4]
+    assert pick == {0.0: [5], 1.0: [2]}, pick
 
 
 def test_pyramid_window_is_kept_whole_and_not_ranked():

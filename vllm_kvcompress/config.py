@@ -162,6 +162,10 @@ class KVCompressConfig:
     #: pyramid / snapkv / h2o: how slots tied on the pooled score are ranked: "newest" (the
     #: later slot wins) or "score" (the slot's own score before pooling, then the later slot)
     pool_tiebreak: str = "newest"
+    #: pyramid / snapkv / h2o: the prompt's last query gets an extra vote of this many times its
+    #: observation window's whole vote (the query that predicts the answer's first token tells
+    #: apart facts the rest of the question shares); 0 = the references' rule (docs/policies.md)
+    last_query_weight: float = 1.0
     #: false: a layer never evicts once its prompt is computed: it keeps the prompt's compressed
     #: cache plus every generated token, so a request's pages grow by one token per layer per
     #: generated token (the SnapKV reference; see docs/policies.md). true: generated tokens are
@@ -225,7 +229,7 @@ class KVCompressConfig:
             raise _budget_err(f"must be a number, got {b!r}")
         if b > 1 and float(b).is_integer():
             set_(self, "budget", int(b))
-        for name in ("pyramidkv_beta", "obs_window_ratio", "h2o_window_weight"):
+        for name in ("pyramidkv_beta", "obs_window_ratio", "h2o_window_weight", "last_query_weight"):
             v = getattr(self, name)
             if not _is_number(v) or not math.isfinite(v):
                 raise _err(name, f"must be a number, got {v!r}")
@@ -271,6 +275,9 @@ class KVCompressConfig:
             raise _err("pyramid_window", f"must be an integer >= 0 (0 = obs_window_ratio of the context), got {self.pyramid_window}")
         if self.h2o_window_weight < 0:
             raise _err("h2o_window_weight", f"must be >= 0 (0 = reference H2O), got {self.h2o_window_weight!r}")
+        if self.last_query_weight < 0:
+            raise _err("last_query_weight",
+                       f"must be >= 0 (0 = the references' vote), got {self.last_query_weight!r}")
         for name in ("snapkv_kernel", "pyramid_kernel", "h2o_kernel"):
             v = getattr(self, name)
             if v < 1 or v % 2 == 0:

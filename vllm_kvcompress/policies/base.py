@@ -358,6 +358,28 @@ class PooledPolicy(BasePolicy):
     min_spans: int = option_default("pool_min_spans")
     #: pooled-score ties: "newest" or "score" (the unpooled score first; ``pool_tiebreak``)
     tiebreak: str = option_default("pool_tiebreak")
+    #: the prompt's last query's extra vote, times its window's whole vote (0: the references)
+    last_query_weight: float = option_default("last_query_weight")
+
+    def vote_weights(self, chunk_start: int, chunk_len: int, num_computed_after: int, is_prefill: bool,
+                     prompt_len: int | None = None) -> torch.Tensor:
+        """The policy's own rule for :meth:`query_weights` (the reference's votes)."""
+        raise NotImplementedError
+
+    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
+        """:meth:`vote_weights`, plus ``last_query_weight`` times the observation window's whole
+        vote (:meth:`voting_window`'s queries, by :meth:`vote_weights`) on the prompt's last query."""
+        w = self.vote_weights(chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len)
+        if not is_prefill or prompt_len is None or self.last_query_weight <= 0:
+            return w
+        P = int(prompt_len)
+        if not chunk_start <= P - 1 < chunk_start + chunk_len:
+            return w
+        W = max(1, self.voting_window(P))
+        window = float(self.vote_weights(P - W, W, P, True, P).sum())
+        w = w.clone()
+        w[P - 1 - chunk_start] += self.last_query_weight * window
+        return w
 
     @property
     def pool_tiebreak(self) -> bool:

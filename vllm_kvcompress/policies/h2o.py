@@ -56,7 +56,7 @@ class H2OPolicy(PooledPolicy):
     def from_config(cls, cfg) -> "H2OPolicy":
         return cls(sinks=cfg.sinks, recent_window=cfg.recent_window, window=cfg.h2o_window,
                    window_weight=cfg.h2o_window_weight, kernel=cfg.h2o_kernel, min_spans=cfg.pool_min_spans,
-                   tiebreak=cfg.pool_tiebreak)
+                   tiebreak=cfg.pool_tiebreak, last_query_weight=cfg.last_query_weight)
 
     def default_recent(self, budget: IntOrTensor, count: IntOrTensor | None = None) -> IntOrTensor:
         return budget // 2
@@ -67,7 +67,7 @@ class H2OPolicy(PooledPolicy):
         # (docs/serving.md, prefix caching)
         return min(self.window, int(prompt_len))
 
-    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
+    def vote_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         w = torch.ones(chunk_len, dtype=torch.float32)
         if is_prefill and prompt_len is not None and self.window_weight > 0:
             w += question_window_weights(chunk_start, chunk_len, int(prompt_len), self.window, self.window_weight)

@@ -71,7 +71,8 @@ class PyramidInferPolicy(PooledPolicy):
     def from_config(cls, cfg) -> "PyramidInferPolicy":
         return cls(sinks=cfg.sinks, recent_window=cfg.recent_window, obs_window=cfg.pyramid_window,
                    obs_window_ratio=cfg.obs_window_ratio, kernel=cfg.pyramid_kernel, reset_scores=cfg.reset_scores,
-                   min_spans=cfg.pool_min_spans, tiebreak=cfg.pool_tiebreak)
+                   min_spans=cfg.pool_min_spans, tiebreak=cfg.pool_tiebreak,
+                   last_query_weight=cfg.last_query_weight)
 
     @property
     def resets_scores(self) -> bool:
@@ -91,7 +92,7 @@ class PyramidInferPolicy(PooledPolicy):
     def voting_window(self, prompt_len: int) -> int:
         return max(1, self.window_len(prompt_len))
 
-    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
+    def vote_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         if not is_prefill:
             return torch.ones(chunk_len, dtype=torch.float32)
         C = self.vote_end(num_computed_after, is_prefill, prompt_len)

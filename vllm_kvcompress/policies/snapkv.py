@@ -60,6 +60,7 @@ class SnapKVPolicy(PooledPolicy):
             kernel=cfg.snapkv_kernel,
             min_spans=cfg.pool_min_spans,
             tiebreak=cfg.pool_tiebreak,
+            last_query_weight=cfg.last_query_weight,
             pooling=cfg.snapkv_pooling,
             reset_scores=cfg.reset_scores,
         )
@@ -74,7 +75,7 @@ class SnapKVPolicy(PooledPolicy):
     def voting_window(self, prompt_len: int) -> int:
         return min(self.window, int(prompt_len))
 
-    def query_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
+    def vote_weights(self, chunk_start, chunk_len, num_computed_after, is_prefill, prompt_len=None):
         if not is_prefill:
             return torch.ones(chunk_len, dtype=torch.float32)
         end = self.vote_end(num_computed_after, is_prefill, prompt_len)
