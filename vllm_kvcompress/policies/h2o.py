@@ -5,7 +5,7 @@ Reference: FMInference/H2O ``h2o_hf/utils_real_drop/modify_llama.py``
 into a per-key score that keeps accumulating across steps; the cache keeps the
 ``recent_size`` newest tokens plus the ``hh_size`` top-scored older ones.
 
-One deviation by default, the **question window** (``window_weight``): the last
+Deviations by default: the **question window** (``window_weight``): the last
 ``window`` prompt queries (where a prompt's question sits) get an extra vote,
 ``window_weight`` times the whole rest of the prompt's, so a fact the question
 asks about outranks the essay's generic heavy hitters. Plain H2O lets every
@@ -16,6 +16,9 @@ the question attends to a key's first digit, and without pooling the question
 window kept only that digit (20% at 25% retention; 93% with kernel 13; 21 also
 keeps a 6-digit fact's end, docs/policies.md).
 ``kernel: 1`` restores the reference's per-token ranking (docs/policies.md).
+The prompt's last query also votes once more with the question window's whole weight
+(``last_query_weight`` 1.0; at 25% on held-out seeds 21 -> 30 of 30 retrieval answers;
+``last_query_weight: 0`` restores the reference).
 """
 
 from __future__ import annotations

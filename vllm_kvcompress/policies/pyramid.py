@@ -24,6 +24,11 @@ Deviations by default, each with the option that restores the reference
 * the scores are max-pooled along keys (``kernel`` 21) before the top-k, so a
   multi-token fact survives whole; the reference ranks single tokens, which kept
   the first digits of a pass key and lost the rest (``kernel: 1`` restores it);
+* the prompt's last query votes once more with its observation window's whole weight
+  (``last_query_weight`` 1.0): the question's other queries attend to the words every
+  fact of its shape shares, so the later of two such facts won their vote; the last
+  query predicts the answer's first token. At 12.5% on held-out seeds it lifted the
+  retrieval answers from 55 to 59 of 60 (``last_query_weight: 0`` restores it);
 * scores restart from 0 after each compaction (``reset_scores: true``), so a
   decode-time compaction ranks by the decode queries since the previous one;
   ``reset_scores: false`` carries the votes over (it cost +10.6% perplexity under
